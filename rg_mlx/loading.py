@@ -1,0 +1,134 @@
+"""Loading a model folder (converted, Hugging Face format, or mlx-lm format) or a hub repo."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import RGError
+from .model import Model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 where a GPU runs MLX, float32 on the CPU (MLX's CPU bfloat16 matmul is slow)."""
+    gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+    return mx.bfloat16 if gpu and mx.default_device() == mx.gpu else mx.float32
+
+
+def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
+    """An MLX dtype from a dtype or its name (``"float32"``, ``"bfloat16"``, ``"float16"``); None = default."""
+    if dtype is None:
+        return default_dtype()
+    if isinstance(dtype, mx.Dtype):
+        if dtype not in DTYPES.values():
+            raise RGError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
+        return dtype
+    name = str(dtype).removeprefix("mlx.core.")
+    if name not in DTYPES:
+        raise RGError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_config(folder: str | Path) -> ModelArgs:
+    """Parse `config.json` in `folder`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise RGError(f"{folder}: no config.json: not a model folder (convert a checkpoint with `rg-mlx convert`)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RGError(f"{path}: unreadable config ({e})") from None
+    return ModelArgs.from_dict(config)
+
+
+def read_weights(folder: str | Path) -> dict[str, mx.array]:
+    """All tensors of the `*.safetensors` files in `folder` (shards listed by an index file or globbed)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise RGError(f"{index}: unreadable index ({e})") from None
+        files = [str(folder / f) for f in files]
+    else:
+        files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        raise RGError(f"{folder}: no *.safetensors weights found")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        if not os.path.isfile(f):
+            raise RGError(f"{f}: weight shard listed in the index is missing")
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:  # MLX raises plain exceptions for truncated/corrupt files
+            raise RGError(f"{f}: cannot read safetensors ({str(e).splitlines()[0]}); the file is truncated or corrupt") from None
+    return weights
+
+
+def _check_weights(model: nn.Module, weights: dict[str, mx.array], folder: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unknown:
+            parts.append(f"unexpected {_names(unknown)}")
+        raise RGError(f"{folder}: tensors do not match config.json: {'; '.join(parts)}")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise RGError(
+                f"{folder}: tensor {name} has shape {tuple(value.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
+
+
+def _names(names: list[str], n: int = 4) -> str:
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Model:
+    """Load a RecurrentGemma model from a local folder (config.json + safetensors).
+
+    Args:
+        path: a folder converted by `rg-mlx convert`, saved by Hugging Face
+            (`save_pretrained`), or converted by mlx-lm.
+        dtype: compute dtype (an MLX dtype or its name); default float32 on the
+            CPU, bfloat16 on a GPU. Quantized weights keep their packing; the
+            recurrent state is float32 regardless.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RGError(f"{path}: no such model folder")
+    dtype = parse_dtype(dtype)
+    args = read_config(folder)
+    model = Model(args)
+    weights = model.sanitize(read_weights(folder))
+
+    if args.quantization:
+        q = args.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    _check_weights(model, weights, folder)
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
