@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF safetensors, DeepMind .pt (and Flax) -> MLX folders, with quantization."""
