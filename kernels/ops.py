@@ -33,7 +33,7 @@ def gate_math(
     f32 = mx.float32
     log_a = -8.0 * mx.sigmoid(gate_a.astype(f32)) * nn.softplus(a_param.astype(f32))
     a = mx.exp(log_a)
-    multiplier = mx.sqrt(1.0 - mx.exp(2.0 * log_a))
+    multiplier = mx.sqrt(-mx.expm1(2.0 * log_a))  # 1 - exp(2 log_a) would cancel for a near 1
     b = x.astype(f32) * mx.sigmoid(gate_x.astype(f32))
     if reset is not None:
         r = reset[..., None]
