@@ -13,14 +13,15 @@ import sys
 from .errors import RGError
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, _blas
 
     parser = argparse.ArgumentParser(prog="rg-mlx", description="RecurrentGemma on MLX")
-    parser.add_argument("--version", action="version", version=f"rg-mlx {__version__}")
+    parser.add_argument("--version", action="version", version=f"rg-mlx {__version__} (BLAS: {_blas.active()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
 
 from .config import ModelArgs
+from .fast_math import gelu_mul, soft_cap
 from .kernels import rg_lru
 
 # Position of an empty ring-buffer slot: outside every query's window.
@@ -54,7 +55,7 @@ class MLPBlock(nn.Module):
         self.down_proj = nn.Linear(hidden, width)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Conv1D(nn.Module):
@@ -121,13 +122,13 @@ class RecurrentBlock(nn.Module):
 
     def __call__(self, x: mx.array, positions: mx.array, cache: ArraysCache | None) -> mx.array:
         conv_state, h = (cache[0], cache[1]) if cache is not None else (None, None)
-        y = nn.gelu_approx(self.linear_y(x))
+        y = self.linear_y(x)
         x = self.linear_x(x)
         x, conv_state = self.conv_1d(x, positions, conv_state)
         x, h = self.rg_lru(x, positions, h)
         if cache is not None:
             cache[0], cache[1] = conv_state, h
-        return self.linear_out(x * y)
+        return self.linear_out(gelu_mul(y, x))
 
 
 def apply_rope(x: mx.array, positions: mx.array, dims: int, base: float) -> mx.array:
@@ -284,9 +285,7 @@ class Model(nn.Module):
         """Tied output layer and soft cap: `tanh(h E^T / cap) * cap`."""
         logits = self.model.embed_tokens.as_linear(hidden)
         cap = self.args.logits_soft_cap
-        if cap:
-            logits = mx.tanh(logits / cap) * cap
-        return logits
+        return soft_cap(logits, cap) if cap else logits
 
     @property
     def layers(self) -> list[ResidualBlock]:

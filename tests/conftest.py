@@ -16,6 +16,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import rg_mlx  # noqa: E402,F401  (before any test imports mlx: the Linux BLAS fast path; RG_MLX_BLAS=off disables it)
+
 TOKENIZER_TEXT = [
     "Hello world! How are you today?",
     "RecurrentGemma is a Griffin model with gated linear recurrences and local attention.",

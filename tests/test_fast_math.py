@@ -1,0 +1,53 @@
+"""rg_mlx.fast_math against MLX's built-ins, over the whole float32 range that matters."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from rg_mlx import fast_math
+
+X = mx.concatenate([mx.linspace(-60, 60, 48001), mx.array([0.0, 1e-30, -1e-30, 1e-6, -3e-4, 7.9, -8.0, 30.0])])
+
+
+def max_abs(a: mx.array, b: mx.array) -> float:
+    return float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max())
+
+
+def test_tanh_and_sigmoid_match_builtins():
+    assert max_abs(fast_math.tanh(X), mx.tanh(X)) < 5e-7
+    assert max_abs(fast_math.sigmoid(X), mx.sigmoid(X)) < 5e-7
+    # relative accuracy near zero (the odd rational keeps it), exact saturation far out
+    small = mx.array([1e-30, -1e-20, 3e-8, -2e-4])
+    assert np.allclose(np.array(fast_math.tanh(small)), np.tanh(np.array(small)), rtol=1e-6, atol=0)
+    assert fast_math.tanh(mx.array([50.0, -50.0])).tolist() == [1.0, -1.0]
+
+
+def test_gelu_and_gated_gelu_match_tanh_gelu():
+    assert max_abs(fast_math.gelu(X), nn.gelu_approx(X)) < 2e-6
+    y = mx.random.normal(X.shape, key=mx.random.key(0))
+    assert max_abs(fast_math.gelu_mul(X, y), nn.gelu_approx(X) * y) < 1e-5
+
+
+def test_soft_cap_matches_tanh_formula():
+    logits = mx.random.normal((3, 1000), key=mx.random.key(1)) * 80
+    assert max_abs(fast_math.soft_cap(logits, 30.0), mx.tanh(logits / 30.0) * 30.0) < 3e-5
+    assert float(mx.abs(fast_math.soft_cap(logits, 30.0)).max()) <= 30.0
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_low_precision_in_and_out(dtype):
+    x = (X[::37] / 4).astype(dtype)
+    out = fast_math.gelu_mul(x, x)
+    assert out.dtype == dtype
+    # computed in float32 and rounded once: within one rounding of the float32 result
+    ref = nn.gelu_approx(x.astype(mx.float32)) * x.astype(mx.float32)
+    assert np.allclose(np.array(out.astype(mx.float32)), np.array(ref), rtol=1e-2, atol=1e-2)
+
+
+def test_new_shapes_and_non_contiguous_inputs():
+    a = mx.random.normal((4, 6), key=mx.random.key(2))
+    for x in (a, a.T, a[:, ::2], a[None, 1:3]):
+        assert max_abs(fast_math.gelu(x), nn.gelu_approx(x)) < 2e-6
