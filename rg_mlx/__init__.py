@@ -4,9 +4,26 @@ from . import _blas  # noqa: F401  (first: the Linux BLAS fast path must load be
 
 __version__ = "0.1.0"
 
+from .chat import ChatSession
 from .config import ModelArgs, preset
 from .errors import RGError
-from .loading import load_model
+from .generate import GenerationResponse, batch_generate, generate, stream_generate
+from .loading import load, load_model
 from .model import Model
+from .tokenizer import Tokenizer
 
-__all__ = ["ModelArgs", "Model", "RGError", "load_model", "preset", "__version__"]
+__all__ = [
+    "ChatSession",
+    "GenerationResponse",
+    "ModelArgs",
+    "Model",
+    "RGError",
+    "Tokenizer",
+    "batch_generate",
+    "generate",
+    "load",
+    "load_model",
+    "preset",
+    "stream_generate",
+    "__version__",
+]

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .errors import RGError
 from .model import Model
+from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -132,3 +133,67 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local model folder, or the cached snapshot of a Hugging Face hub repo (downloaded if
+    online; `HF_HUB_OFFLINE=1` uses the cache only). ``"demo"`` is the bundled demo model."""
+    if str(path_or_repo) == "demo":  # the bundled demo model (rg_mlx.demo); a folder named demo: ./demo
+        from .demo import model_path
+
+        return model_path()
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    repo = str(path_or_repo)
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or repo.startswith((".", "~")):
+        raise RGError(
+            f"{repo}: no such model folder (give a converted folder, or a hub repo id like google/recurrentgemma-2b-it)"
+        )
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except GatedRepoError:
+        raise RGError(
+            f"{repo}: gated on the Hugging Face hub: accept its license on huggingface.co and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise RGError(
+            f"{repo}: no such repo on the Hugging Face hub (or it is private: log in with `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise RGError(
+            f"{repo}: not in the Hugging Face cache and the hub is unreachable or offline (HF_HUB_OFFLINE): "
+            f"download it online (`hf download {repo}`) or convert a checkpoint to a folder with `rg-mlx convert`"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise RGError(f"{repo}: download failed ({str(e).splitlines()[0]}); retry, or use a local folder") from None
+
+
+def load(path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer: `(model, tokenizer)`.
+
+    Args:
+        path_or_repo: a model folder (config.json, safetensors, tokenizer.model), a Hugging
+            Face hub repo id (fetched through the hub cache; works offline once cached), or
+            ``"demo"``: the tiny demo model bundled with rg_mlx.
+        dtype: compute dtype, as in `load_model`.
+    """
+    folder = resolve(path_or_repo)
+    model = load_model(folder, dtype=dtype)
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise RGError(
+            f"{folder}: tokenizer.model has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}: "
+            "wrong tokenizer for this model"
+        )
+    return model, tokenizer

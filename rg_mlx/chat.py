@@ -1,0 +1,345 @@
+"""Chat sessions over Griffin's fixed-size state.
+
+A session keeps the model state of the conversation so far and feeds only the new tokens of
+each turn, so a reply costs the same at turn 100 as at turn 1 and memory never grows. Undo and
+regenerate restore per-turn snapshots of the state (references to its immutable arrays, so a
+snapshot costs one state's memory and no copy); beyond the bounded snapshot history they
+re-feed the recorded conversation tokens.
+
+The state always equals the recorded conversation's tokens, except for at most one token at
+the end: the last token of a reply that was cut short (length limit, stop string, or the
+consumer closing the stream), which the next turn feeds first. A reply that ends with
+`<end_of_turn>` or `<eos>` is closed by the next turn's `<end_of_turn>\\n` prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import RGError
+from .generate import GenerationResponse, copy_state, feed, restore_state, state_bytes, stream_generate
+from .tokenizer import Tokenizer
+
+DEFAULT_SETTINGS = {
+    "max_tokens": 512,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": None,
+    "repetition_context_size": 20,
+    "seed": None,
+    "stop": None,
+}
+FORMAT = "rg_mlx.chat/1"
+
+
+@dataclass
+class _Exchange:
+    """The tokens one exchange (user turn + reply) added to the conversation."""
+
+    tokens: list[int]
+    unfed: int  # how many of the conversation's last tokens the state does not hold yet (0 or 1)
+
+
+def model_fingerprint(model: nn.Module, tokenizer: Tokenizer) -> str:
+    """A short hash identifying the model and tokenizer a state belongs to.
+
+    Covers the architecture, every norm scale (distinct for each trained checkpoint, never
+    quantized; hashed as bfloat16 so the compute dtype does not matter) and the tokenizer.
+    """
+    h = hashlib.sha256()
+    args = model.args
+    arch = [args.vocab_size, args.hidden_size, args.lru_width, args.layer_types, args.attention_window_size]
+    h.update(json.dumps(arch).encode())
+    norms = [model.model.final_norm.weight]
+    for layer in model.layers:
+        norms += [layer.temporal_pre_norm.weight, layer.channel_pre_norm.weight]
+    for w in norms:
+        h.update(np.array(w.astype(mx.bfloat16).view(mx.uint16)).tobytes())
+    h.update(tokenizer.sp.serialized_model_proto())
+    return h.hexdigest()[:16]
+
+
+class ChatSession:
+    """A conversation with the model, kept as a fixed-size state.
+
+    Args:
+        model, tokenizer: from `rg_mlx.load`.
+        system: a system prompt (folded into the first user turn).
+        max_snapshots: per-turn state snapshots kept for undo/regenerate.
+        **sampling: default generation settings: `max_tokens`, `temperature`, `top_p`,
+            `top_k`, `min_p`, `repetition_penalty`, `repetition_context_size`, `seed`, `stop`
+            (see `stream_generate`). With a seed, the whole session is reproducible and each
+            reply (a regenerated one too) draws with its own derived seed.
+
+    A session may be used from any one thread at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        system: str | None = None,
+        *,
+        max_snapshots: int = 16,
+        **sampling,
+    ):
+        if max_snapshots < 0:
+            raise RGError(f"max_snapshots={max_snapshots}: must be >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.max_snapshots = max_snapshots
+        self.settings = {**DEFAULT_SETTINGS, **_checked(sampling)}
+        self._active = None
+        self.reset()
+
+    # -- conversation -------------------------------------------------------------------
+
+    def send(self, text: str, **overrides) -> Iterator[GenerationResponse]:
+        """Stream the reply to a user message; `overrides` change settings for this reply only.
+
+        Only the new tokens go through the model. The exchange is recorded once iteration
+        starts; if iteration stops early, the partial reply stays in `history`.
+        """
+        self._close_active()
+        settings = {**self.settings, **_checked(overrides)}
+        if "seed" not in overrides and settings["seed"] is not None:
+            settings["seed"] = (int(settings["seed"]) * 1_000_003 + self._replies) % 2**31
+        first = not self._exchanges
+        prompt = self.tokenizer.chat_tokens(
+            [{"role": "user", "content": text}], system=self.system if first else None, continuation=not first
+        )
+        stream = stream_generate(self.model, self.tokenizer, self._unfed() + prompt, cache=self._cache, **settings)
+        reply = self._reply(text, prompt, stream)
+        self._active = weakref.ref(reply)
+        return reply
+
+    def regenerate(self, **overrides) -> Iterator[GenerationResponse]:
+        """Drop the last reply and stream a new one to the same user message."""
+        self._close_active()
+        if not self._exchanges:
+            raise RGError("nothing to regenerate: send a message first")
+        text = self._messages[-2]["content"]
+        kept = (copy_state(self._cache), list(self._exchanges), list(self._messages), OrderedDict(self._snapshots))
+        self._rewind(len(self._exchanges) - 1)
+        try:
+            return self.send(text, **overrides)
+        except RGError:  # bad overrides: keep the conversation as it was
+            state, self._exchanges, self._messages, self._snapshots = kept
+            restore_state(self._cache, state)
+            raise
+
+    def undo(self) -> None:
+        """Drop the last exchange (user message and reply)."""
+        self._close_active()
+        if not self._exchanges:
+            raise RGError("nothing to undo: the conversation is empty")
+        self._rewind(len(self._exchanges) - 1)
+
+    def reset(self) -> None:
+        """Start over (keeps the system prompt and settings)."""
+        self._close_active()
+        self._cache = self.model.make_cache()
+        self._messages: list[dict] = []
+        self._exchanges: list[_Exchange] = []
+        self._snapshots: OrderedDict[int, list] = OrderedDict()
+        self._replies = 0
+
+    @property
+    def history(self) -> list[dict]:
+        """The messages so far: `{"role": "user" | "assistant", "content": str}`."""
+        return [dict(m) for m in self._messages]
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the kept state (fixed once the first token went through)."""
+        return state_bytes(self._cache)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The conversation as token ids; the state holds the first `tokens_seen` of them."""
+        return [t for e in self._exchanges for t in e.tokens]
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens of the conversation held in the state."""
+        return sum(len(e.tokens) for e in self._exchanges) - len(self._unfed())
+
+    @property
+    def cache(self) -> list:
+        """The live state (mlx-lm `ArraysCache` per layer); read it, do not modify it."""
+        return self._cache
+
+    # -- files --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the session (state, messages, settings) to one safetensors file."""
+        self._close_active()
+        path = Path(path)
+        arrays, layout = {}, []
+        for i, arrays_i in enumerate(copy_state(self._cache)):
+            names = []
+            for j, a in enumerate(arrays_i):
+                names.append(None if a is None else f"state.{i}.{j}")
+                if a is not None:
+                    arrays[names[-1]] = a
+            layout.append(names)
+        meta = {
+            "format": FORMAT,
+            "fingerprint": model_fingerprint(self.model, self.tokenizer),
+            "system": self.system,
+            "settings": self.settings,
+            "max_snapshots": self.max_snapshots,
+            "messages": self._messages,
+            "exchanges": [[e.tokens, e.unfed] for e in self._exchanges],
+            "replies": self._replies,
+            "layout": layout,
+        }
+        if not path.parent.is_dir():
+            raise RGError(f"{path}: no such folder {path.parent}")
+        tmp = path.with_name(f".{path.name}.tmp.safetensors")  # no half-written file under `path`
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata={"rg_mlx_chat": json.dumps(meta)})
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            raise RGError(f"{path}: cannot write the session ({getattr(e, 'strerror', None) or e})") from None
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, tokenizer: Tokenizer) -> "ChatSession":
+        """Read a session written by `save`; it continues exactly where it was saved."""
+        path = Path(path)
+        if not path.is_file():
+            raise RGError(f"{path}: no such session file")
+        try:
+            arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+            meta = json.loads(metadata["rg_mlx_chat"])
+            if meta.get("format") != FORMAT:
+                raise ValueError(meta.get("format"))
+        except Exception:
+            raise RGError(f"{path}: not a chat session saved by rg_mlx") from None
+        if meta["fingerprint"] != model_fingerprint(model, tokenizer):
+            raise RGError(f"{path}: saved with a different model or tokenizer: load it with the model it was made with")
+        session = cls(model, tokenizer, meta["system"], max_snapshots=meta["max_snapshots"], **meta["settings"])
+        restore_state(session._cache, [[None if n is None else arrays[n] for n in names] for names in meta["layout"]])
+        session._messages = meta["messages"]
+        session._exchanges = [_Exchange(list(tokens), unfed) for tokens, unfed in meta["exchanges"]]
+        session._replies = meta["replies"]
+        return session
+
+    @classmethod
+    def from_history(
+        cls,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        messages: list[dict],
+        *,
+        system: str | None = None,
+        max_snapshots: int = 16,
+        **sampling,
+    ) -> "ChatSession":
+        """A session that has gone through `messages` (e.g. an imported transcript).
+
+        The messages alternate user/assistant; a trailing user message without a reply is
+        dropped. The state is that of the conversation in Gemma's chat format, one prefill
+        chunk per exchange.
+        """
+        tokenizer.chat_tokens(messages, add_generation_prompt=False)  # checks the roles
+        session = cls(model, tokenizer, system, max_snapshots=max_snapshots, **sampling)
+        for k in range(len(messages) // 2):
+            user, reply = (str(m.get("content", "")) for m in messages[2 * k : 2 * k + 2])
+            prompt = tokenizer.chat_tokens(
+                [{"role": "user", "content": user}], system=system if k == 0 else None, continuation=k > 0
+            )
+            tokens = prompt + tokenizer.encode(reply.strip(), add_bos=False)
+            session._remember(k, copy_state(session._cache))
+            feed(model, mx.array([tokens], dtype=mx.int32), session._cache)
+            mx.eval([c.state for c in session._cache])
+            session._exchanges.append(_Exchange(tokens, 0))
+            session._messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        session._replies = len(session._exchanges)
+        return session
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _remember(self, k: int, state: list) -> None:
+        """Keep the state from before exchange `k` (the empty state needs no snapshot)."""
+        if k > 0 and self.max_snapshots > 0:
+            self._snapshots[k] = state
+            while len(self._snapshots) > self.max_snapshots:
+                self._snapshots.popitem(last=False)
+
+    def _reply(
+        self, text: str, prompt: list[int], stream: Iterator[GenerationResponse]
+    ) -> Iterator[GenerationResponse]:
+        k = len(self._exchanges)
+        before = copy_state(self._cache)
+        self._messages += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        self._replies += 1
+        tokens, stopped = [], False
+        try:
+            for r in stream:
+                tokens.append(r.token)
+                stopped = r.finish_reason == "stop" and r.token in self.tokenizer.stop_ids
+                self._messages[-1]["content"] += r.text
+                yield r
+        finally:
+            stream.close()  # rolls the state back to every yielded token but the last
+            if tokens:
+                self._remember(k, before)
+                if stopped:  # the end-of-turn token is replaced by the next turn's prefix
+                    self._exchanges.append(_Exchange(prompt + tokens[:-1], 0))
+                else:
+                    self._exchanges.append(_Exchange(prompt + tokens, 1))
+            else:  # failed before the first token: undo everything
+                restore_state(self._cache, before)
+                del self._messages[-2:]
+
+    def _unfed(self) -> list[int]:
+        if not self._exchanges or not self._exchanges[-1].unfed:
+            return []
+        return self._exchanges[-1].tokens[-self._exchanges[-1].unfed :]
+
+    def _rewind(self, k: int) -> None:
+        """Go back to the conversation before exchange `k`."""
+        snapshot = self._snapshots.get(k)
+        for j in [j for j in self._snapshots if j >= k]:
+            del self._snapshots[j]
+        self._exchanges = self._exchanges[:k]
+        del self._messages[2 * k :]
+        self._cache = self.model.make_cache()
+        if snapshot is not None:
+            restore_state(self._cache, snapshot)
+        elif k > 0:  # beyond the kept snapshots: re-feed the recorded tokens
+            tokens = self.tokens[: self.tokens_seen]
+            feed(self.model, mx.array([tokens], dtype=mx.int32), self._cache)
+            mx.eval([c.state for c in self._cache])
+
+    def _close_active(self) -> None:
+        reply = self._active() if self._active is not None else None
+        self._active = None
+        if reply is not None:
+            try:
+                reply.close()
+            except ValueError:
+                raise RGError("a reply is still streaming in another thread: stop it first") from None
+
+
+def _checked(settings: dict) -> dict:
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise RGError(f"unknown chat setting {unknown[0]!r}: use {', '.join(DEFAULT_SETTINGS)}")
+    return settings

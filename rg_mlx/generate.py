@@ -1,0 +1,445 @@
+"""Text generation: streaming, whole-text and batched, with chunked prefill and a fixed-size state.
+
+Logits processors and sampling filters are mlx-lm's (`make_logits_processors`, and the
+`apply_top_p` / `apply_min_p` / `apply_top_k` chain of `make_sampler`); the draw itself uses an
+explicit random key, so seeds are reproducible and never touch MLX's global random state.
+Prompt processing runs in chunks of `prefill_step_size` tokens and evaluates only the state
+after each chunk, so a long prompt needs no more memory than a short one; logits are computed
+for the last position only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.models.cache import ArraysCache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from .errors import RGError
+from .tokenizer import Tokenizer
+
+State = list[list[mx.array | None]]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    Attributes:
+        text: the new piece of text (may be empty while a character or a possible stop
+            string is held back).
+        token: the token sampled at this step.
+        finish_reason: None while generating, "stop" (end of turn, `<eos>` or a stop string)
+            or "length" (`max_tokens` reached) on the last response.
+        prompt_tokens: tokens in the prompt.
+        prompt_tps: prompt tokens per second.
+        prompt_time: seconds to process the prompt (time to the first token).
+        generation_tokens: tokens generated so far.
+        generation_tps: generated tokens per second.
+        peak_memory: peak memory of the process so far, GB (`mx.get_peak_memory`).
+        state_bytes: bytes of the fixed-size state (constant once generation started).
+    """
+
+    text: str
+    token: int
+    finish_reason: str | None
+    prompt_tokens: int
+    prompt_tps: float
+    prompt_time: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    state_bytes: int
+
+
+class Sampling:
+    """Turns logits into tokens: mlx-lm's logits processors and filters, then a draw.
+
+    Draws use an explicit `mx.random` key advanced at every step, so a seeded generation gives
+    the same tokens in any process or thread and leaves MLX's global random state alone.
+
+    Args:
+        vocab_size: the model's vocabulary size (bounds `top_k`).
+        temperature: 0 is greedy.
+        top_p, top_k, min_p: nucleus, top-k and min-p filtering (1, 0, 0 disable them).
+        repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
+        seed: the key's seed; None draws one from MLX's global random state.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float | None = None,
+        repetition_context_size: int = 20,
+        seed: int | None = None,
+    ):
+        if temperature < 0:
+            raise RGError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+        if not 0 < top_p <= 1:
+            raise RGError(f"top_p={top_p}: must be in (0, 1] (1 disables it)")
+        if not 0 <= top_k < vocab_size:
+            raise RGError(f"top_k={top_k}: must be in [0, {vocab_size}) (0 disables it)")
+        if not 0 <= min_p <= 1:
+            raise RGError(f"min_p={min_p}: must be in [0, 1] (0 disables it)")
+        if repetition_penalty is not None and repetition_penalty <= 0:
+            raise RGError(f"repetition_penalty={repetition_penalty}: must be > 0 (1 disables it)")
+        if repetition_context_size < 1:
+            raise RGError(f"repetition_context_size={repetition_context_size}: must be >= 1")
+        self.temperature = float(temperature)
+        # The filter chain of mlx-lm's `make_sampler`, in its order.
+        self.filters = []
+        if top_p < 1:
+            self.filters.append(partial(apply_top_p, top_p=top_p))
+        if min_p > 0:
+            self.filters.append(partial(apply_min_p, min_p=min_p))
+        if top_k > 0:
+            self.filters.append(partial(apply_top_k, top_k=top_k))
+        self.processors = make_logits_processors(
+            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        )
+        self.context_size = repetition_context_size
+        if seed is None:
+            seed = mx.random.randint(0, 2**31 - 1, ()).item()
+        self.key = mx.random.key(int(seed))
+        mx.eval(self.key)
+
+    def __call__(self, logits: mx.array, history: mx.array | None) -> mx.array:
+        """Tokens `[B]` for `logits` `[B, V]`; `history` `[B, n]`: each row's recent tokens."""
+        if self.processors and history is not None:
+            rows = []
+            for b in range(logits.shape[0]):
+                row = logits[b : b + 1]
+                for processor in self.processors:
+                    row = processor(history[b], row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        if self.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for f in self.filters:
+            logprobs = f(logprobs)
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
+
+
+def copy_state(cache: list[ArraysCache]) -> State:
+    """A snapshot of the state: references to its (immutable) arrays, no copy of the data."""
+    return [list(c.cache) for c in cache]
+
+
+def restore_state(cache: list[ArraysCache], state: State) -> None:
+    """Put a snapshot from `copy_state` back into `cache`."""
+    for c, arrays in zip(cache, state):
+        c.cache = list(arrays)
+
+
+def state_bytes(cache: list[ArraysCache]) -> int:
+    """Bytes held by the state."""
+    return sum(c.nbytes for c in cache)
+
+
+def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int = 512) -> mx.array:
+    """Run `tokens` `[B, T]` through the model in chunks of `step`, updating `cache` in place.
+
+    Only the state is evaluated after each chunk. Returns the logits `[B, V]` of the last
+    position (lazy).
+    """
+    if step < 1:
+        raise RGError(f"prefill_step_size={step}: must be >= 1")
+    starts = range(0, tokens.shape[1], step)
+    with mx.stream(generation_stream):
+        for start in starts[:-1]:
+            model.model(tokens[:, start : start + step], cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+        hidden = model.model(tokens[:, starts[-1] :], cache)
+        return model.logits(hidden[:, -1, :])
+
+
+def _token_steps(
+    model: nn.Module,
+    prompt: mx.array,
+    cache: list[ArraysCache],
+    sampling: Sampling,
+    max_tokens: int,
+    prefill_step_size: int,
+) -> Iterator[mx.array]:
+    """Yield the sampled tokens `[B]` (evaluated) of each step.
+
+    On a GPU the next step is computed while the caller looks at the current token (as in
+    mlx-lm); on the CPU that only adds thread hand-offs, so steps run one after the other.
+    However this generator ends (exhausted, closed, or an exception), the state holds the
+    prompt and every yielded token except the last one.
+    """
+    pipeline = mx.default_device().type == mx.DeviceType.gpu
+    history = prompt[:, -sampling.context_size :] if sampling.processors else None
+
+    def step(y: mx.array) -> mx.array:
+        nonlocal history
+        if history is not None:
+            history = mx.concatenate([history, y[:, None]], axis=1)[:, -sampling.context_size :]
+        with mx.stream(generation_stream):
+            return sampling(model(y[:, None], cache)[:, -1, :], history)
+
+    def pending(y: mx.array) -> list:
+        # Everything a step leaves lazy: nothing unevaluated may cross a `yield`, since the
+        # consumer may resume this generator from another thread (with its own MLX streams).
+        return [y, sampling.key, history, [c.state for c in cache]]
+
+    y = sampling(feed(model, prompt, cache, prefill_step_size), history)
+    if pipeline:
+        mx.async_eval(pending(y))
+    next_y = None
+    before_last = None  # the state before the last yielded token went in
+    try:
+        for n in range(1, max_tokens + 1):
+            before = copy_state(cache)
+            if pipeline and n < max_tokens:
+                next_y = step(y)
+                mx.async_eval(pending(next_y))
+            mx.eval(y if pipeline else pending(y))
+            before_last = before
+            yield y
+            if n == max_tokens:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+            y = next_y if pipeline else step(y)
+    finally:
+        if before_last is not None:
+            restore_state(cache, before_last)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
+    """Token ids of a prompt: a string gets `<bos>` first, a list of ids is used as given."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise RGError("empty prompt: give some text or token ids")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RGError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+class _TextStream:
+    """Detokenizes one sequence, holding back text that may be the start of a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.detokenizer = tokenizer.detokenizer()
+        self.stop_ids = tokenizer.stop_ids
+        self.stop = stop
+        self.held = ""
+
+    def add(self, token: int, last: bool) -> tuple[str, bool]:
+        """Add a token (`last`: no more will come); return (text to emit, whether to stop)."""
+        stopped = token in self.stop_ids
+        if stopped:
+            text = self.held + self.detokenizer.finalize()
+        else:
+            text = self.held + self.detokenizer.add_token(token)
+            if last:
+                text += self.detokenizer.finalize()
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = 0
+        if not (stopped or last):
+            for s in self.stop:
+                keep = max([keep] + [n for n in range(1, len(s)) if text.endswith(s[:n])])
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], stopped
+
+
+def _stream(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    cache: list[ArraysCache],
+    sampling: Sampling,
+    *,
+    max_tokens: int,
+    stop: list[str],
+    prefill_step_size: int,
+) -> Iterator[GenerationResponse]:
+    text_stream = _TextStream(tokenizer, stop)
+    tic = time.perf_counter()
+    prompt_time = prompt_tps = 0.0
+    steps = _token_steps(model, mx.array([ids], dtype=mx.int32), cache, sampling, max_tokens, prefill_step_size)
+    with wired_limit(model, [generation_stream]):
+        try:
+            for n, y in enumerate(steps, start=1):
+                token = y.item()
+                if n == 1:
+                    prompt_time = time.perf_counter() - tic
+                    prompt_tps = len(ids) / prompt_time
+                    tic = time.perf_counter()
+                text, stopped = text_stream.add(token, last=n == max_tokens)
+                finish = "stop" if stopped else ("length" if n == max_tokens else None)
+                elapsed = time.perf_counter() - tic
+                yield GenerationResponse(
+                    text=text,
+                    token=token,
+                    finish_reason=finish,
+                    prompt_tokens=len(ids),
+                    prompt_tps=prompt_tps,
+                    prompt_time=prompt_time,
+                    generation_tokens=n,
+                    generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    state_bytes=state_bytes(cache),
+                )
+                if finish is not None:
+                    break
+        finally:
+            steps.close()
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    cache: list[ArraysCache] | None = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Generate text for `prompt`, one `GenerationResponse` per token.
+
+    Args:
+        model: a model from `rg_mlx.load` / `rg_mlx.load_model`.
+        tokenizer: its `Tokenizer`.
+        prompt: text (`<bos>` is added) or token ids (used as given).
+        max_tokens: the most tokens to generate.
+        temperature: 0 is greedy.
+        top_p, top_k, min_p: nucleus, top-k and min-p filtering (1, 0, 0 disable them).
+        repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
+        seed: makes sampling reproducible (same seed, same tokens, in any process) without
+            touching MLX's global random state.
+        stop: strings that end generation; the stop string itself is not emitted.
+        cache: a state to continue from (`model.make_cache()`), updated in place; when
+            generation ends it holds the prompt and every generated token but the last.
+        prefill_step_size: prompt tokens processed per chunk.
+
+    Generation stops at `<eos>`, `<end_of_turn>`, a stop string, or `max_tokens`. Closing the
+    iterator early is safe.
+    """
+    if max_tokens < 1:
+        raise RGError(f"max_tokens={max_tokens}: must be >= 1")
+    if prefill_step_size < 1:
+        raise RGError(f"prefill_step_size={prefill_step_size}: must be >= 1")
+    vocab_size = model.args.vocab_size
+    ids = prompt_ids(tokenizer, prompt, vocab_size)
+    sampling = Sampling(
+        vocab_size=vocab_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+    )
+    return _stream(
+        model,
+        tokenizer,
+        ids,
+        model.make_cache() if cache is None else cache,
+        sampling,
+        max_tokens=max_tokens,
+        stop=_stop_strings(stop),
+        prefill_step_size=prefill_step_size,
+    )
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The whole generated text; takes the arguments of `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    prefill_step_size: int = 512,
+) -> list[str]:
+    """Generate for several prompts at once; returns one text per prompt.
+
+    Prompts of different lengths are left-padded; the padding never reaches the state
+    (each row starts its document after its padding), so greedy output of every row equals
+    what `generate` gives for that prompt alone. Arguments as in `stream_generate`.
+    """
+    if not prompts:
+        return []
+    if max_tokens < 1:
+        raise RGError(f"max_tokens={max_tokens}: must be >= 1")
+    vocab_size = model.args.vocab_size
+    rows = [prompt_ids(tokenizer, p, vocab_size) for p in prompts]
+    sampling = Sampling(
+        vocab_size=vocab_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+    )
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    tokens = mx.array([[tokenizer.pad_id or 0] * p + r for p, r in zip(padding, rows)], dtype=mx.int32)
+    cache = model.make_cache(left_padding=padding)
+    streams = [_TextStream(tokenizer, _stop_strings(stop)) for _ in rows]
+    texts = [""] * len(rows)
+    done = [False] * len(rows)
+    with wired_limit(model, [generation_stream]):
+        steps = _token_steps(model, tokens, cache, sampling, max_tokens, prefill_step_size)
+        try:
+            for n, y in enumerate(steps, start=1):
+                for i, token in enumerate(y.tolist()):
+                    if not done[i]:
+                        text, done[i] = streams[i].add(token, last=n == max_tokens)
+                        texts[i] += text
+                if all(done):
+                    break
+        finally:
+            steps.close()
+    return texts

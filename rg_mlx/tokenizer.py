@@ -1,0 +1,175 @@
+"""The Gemma SentencePiece tokenizer: encoding, chat formatting and streaming decoding.
+
+Special ids are looked up by piece name in `tokenizer.model`, never assumed.
+The chat format is Gemma's (see GRIFFIN.md):
+
+    <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n...
+
+There is no system role: a system prompt is folded into the first user turn.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import RGError
+
+ROLES = {"user": "user", "assistant": "model", "model": "model"}
+
+
+def _replace_per_byte(error: UnicodeDecodeError) -> tuple[str, int]:
+    # SentencePiece turns every byte of an invalid UTF-8 sequence into one U+FFFD.
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("rg_mlx.per_byte", _replace_per_byte)
+
+
+class Tokenizer:
+    """A SentencePiece `tokenizer.model` (the Gemma file, or any byte-fallback model).
+
+    Args:
+        path: the `tokenizer.model` file, or a folder holding one.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise RGError(f"{path}: no tokenizer.model: copy Gemma's tokenizer.model next to the weights")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise RGError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.path = path
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.pad_id = self._special("<pad>", self.sp.pad_id())
+        self.eos_id = self._special("<eos>", self.sp.eos_id())
+        self.bos_id = self._special("<bos>", self.sp.bos_id())
+        self.start_of_turn_id = self._special("<start_of_turn>")
+        self.end_of_turn_id = self._special("<end_of_turn>")
+        self.stop_ids: frozenset[int] = frozenset(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+
+    def _special(self, piece: str, fallback: int = -1) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        if self.sp.id_to_piece(i) == piece:
+            return i
+        return fallback if fallback >= 0 else None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, with `<bos>` first when `add_bos`."""
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` (control tokens such as `<bos>` and `<eos>` decode to nothing)."""
+        return self.sp.decode(list(ids))
+
+    def chat_tokens(
+        self,
+        messages: list[dict],
+        *,
+        system: str | None = None,
+        add_generation_prompt: bool = True,
+        continuation: bool = False,
+    ) -> list[int]:
+        """Token ids of a conversation in Gemma's chat format.
+
+        Args:
+            messages: `{"role": "user" | "assistant" | "model", "content": str}` dicts,
+                alternating and starting with a user turn.
+            system: a system prompt, folded into the first user turn (Gemma has no system role);
+                ignored with `continuation`.
+            add_generation_prompt: end with `<start_of_turn>model\\n` so the model replies next.
+            continuation: the tokens that follow an existing conversation whose last model
+                turn is still open: `<end_of_turn>\\n` first, no `<bos>`.
+        """
+        if self.start_of_turn_id is None or self.end_of_turn_id is None:
+            raise RGError(f"{self.path}: no <start_of_turn>/<end_of_turn> pieces: not a Gemma chat tokenizer")
+        newline = self.sp.encode("\n")
+        ids = [self.end_of_turn_id, *newline] if continuation else self.encode("")
+        for i, message in enumerate(messages):
+            role = ROLES.get(message.get("role"))
+            if role is None:
+                raise RGError(f"message {i}: role {message.get('role')!r}: use 'user' or 'assistant'")
+            if role != ("user" if i % 2 == 0 else "model"):
+                raise RGError(f"message {i}: roles must alternate user/assistant, starting with user")
+            content = str(message.get("content", "")).strip()
+            if i == 0 and system and not continuation:
+                content = f"{system.strip()}\n\n{content}"
+            ids += [self.start_of_turn_id, *self.sp.encode(f"{role}\n{content}"), self.end_of_turn_id, *newline]
+        if add_generation_prompt:
+            ids += [self.start_of_turn_id, *self.sp.encode("model\n")]
+        return ids
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        """A fresh streaming detokenizer for this tokenizer."""
+        return StreamingDetokenizer(self)
+
+    @functools.cached_property
+    def _surfaces(self) -> list[bytes | None]:
+        """Per id, the UTF-8 bytes it decodes to; None for pieces that decode to nothing."""
+        sp = self.sp
+        surfaces: list[bytes | None] = []
+        for i, piece in enumerate(sp.id_to_piece(list(range(self.vocab_size)))):
+            special = piece.startswith("<") and piece.endswith(">")  # only these can be special
+            if special and sp.is_byte(i):
+                surfaces.append(bytes([int(piece[3:5], 16)]))
+            elif special and (sp.is_control(i) or sp.is_unused(i) or sp.is_unknown(i)):
+                surfaces.append(sp.decode([i]).encode() or None)
+            else:
+                surfaces.append(piece.replace("\u2581", " ").encode())
+        return surfaces
+
+    @functools.cached_property
+    def _drops_first_space(self) -> bool:
+        """Whether decoding drops the leading "▁" of the first piece (`add_dummy_prefix` models)."""
+        for i, piece in enumerate(self.sp.id_to_piece(list(range(self.vocab_size)))):
+            if piece.startswith("\u2581") and not self.sp.is_control(i):
+                return not self.sp.decode([i]).startswith(" ")
+        return False
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text one at a time; the pieces concatenate to `Tokenizer.decode(all ids)`.
+
+    Bytes of a character split over byte-fallback tokens (emoji, CJK, accents) are held back
+    until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._sp = tokenizer.sp
+        self._surfaces = tokenizer._surfaces
+        self._strip_first_space = tokenizer._drops_first_space
+        self._decoder = codecs.getincrementaldecoder("utf-8")("rg_mlx.per_byte")
+        self._started = False
+
+    def add_token(self, token: int) -> str:
+        """Add one token id; return the text it completes (possibly "")."""
+        surface = self._surfaces[token]
+        if surface is None:  # control tokens end a byte sequence
+            text = self._decoder.decode(b"", final=True)
+            self._decoder.reset()
+        else:
+            pending = self._decoder.getstate()[0]
+            if (
+                self._strip_first_space
+                and not self._started
+                and not pending
+                and self._sp.id_to_piece(token).startswith("\u2581")
+            ):
+                surface = surface[1:]
+            text = self._decoder.decode(surface)
+        self._started = self._started or bool(text)
+        return text
+
+    def finalize(self) -> str:
+        """The text still held back (an incomplete character decodes to U+FFFD per byte)."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
