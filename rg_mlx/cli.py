@@ -14,6 +14,7 @@ from .errors import RGError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("rg_mlx.convert.cli", "convert a Hugging Face, hub or DeepMind checkpoint into an MLX folder"),
     "generate": ("rg_mlx.commands.generate", "generate text from a prompt (streaming, with speed and memory stats)"),
     "chat": ("rg_mlx.commands.chat", "chat in the terminal over a fixed-size state (undo, retry, save, load)"),
 }
