@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("rg_mlx.convert.cli", "convert a Hugging Face, hub or DeepMind checkpoint into an MLX folder"),
     "generate": ("rg_mlx.commands.generate", "generate text from a prompt (streaming, with speed and memory stats)"),
     "chat": ("rg_mlx.commands.chat", "chat in the terminal over a fixed-size state (undo, retry, save, load)"),
+    "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
 }
 

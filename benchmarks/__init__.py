@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks against mlx-lm and Hugging Face transformers (see README, "Benchmarks")."""

@@ -1,0 +1,248 @@
+"""Speed and memory of rg_mlx against mlx-lm and Hugging Face transformers, on one random checkpoint.
+
+    python -m benchmarks.bench            # or: rg-mlx bench   (options: --help)
+
+Each runtime runs in its own process (benchmarks/worker.py) on the same random-weight
+checkpoint, written once under --work-dir. Configurations: "bench" (the 2B widths, 6 layers
+R R A R R A, the full 256000 vocabulary, 1.12B parameters, float32) and "2b" (the real 2B
+shape, decode only). Prints markdown tables: absolute numbers, then the ratios of rg_mlx to
+each peer, the decode speed as a fraction of the memory-bandwidth bound, and the growth of
+prompt time with length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# runtime name -> (worker runtime, dtype, BLAS: None = rg_mlx's fast path as RG_MLX_BLAS says, "none" = MLX as installed)
+RUNTIMES = {
+    "rg_mlx": ("rg_mlx", "float32", None),
+    "mlx-lm": ("mlx-lm", "float32", "none"),
+    "mlx-lm+blas": ("mlx-lm", "float32", None),
+    "hf-float32": ("hf", "float32", None),
+    "hf-bfloat16": ("hf", "bfloat16", None),
+}
+# How each configuration is stored on disk and run: prompt lengths (None = from --prompt-lengths), decode tokens.
+CONFIG_PLAN = {"bench": ("float32", None, None), "2b": ("bfloat16", [], 8)}
+
+
+def machine() -> str:
+    """CPU model name and core count (from lscpu where available)."""
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def memory_bandwidth(gib: int = 2, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` parallel reductions over a `gib` GiB array, one thread per core."""
+    import numpy as np
+
+    a = np.ones((gib << 30) // 4, np.float32)
+    parts = np.array_split(a, os.cpu_count() or 1)
+    best = 0.0
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.max, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_worker(model: Path, runtime: str, prompt_lengths: list[int], decode_tokens: int, budget: float) -> dict:
+    """Run one runtime in its own process; returns its measurements or {"error": ...}."""
+    kind, dtype, blas = RUNTIMES[runtime]
+    cmd = [sys.executable, "-m", "benchmarks.worker", "--runtime", kind, "--model", str(model), "--dtype", dtype,
+           "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--decode-tokens", str(decode_tokens),
+           "--budget", str(budget)]
+    if blas:
+        cmd += ["--blas", blas]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def _label(runtime: str, r: dict) -> str:
+    if runtime == "mlx-lm":
+        return "mlx-lm (as installed)"
+    if runtime == "mlx-lm+blas":
+        return "mlx-lm (same BLAS)"
+    return {"hf-float32": "HF transformers", "hf-bfloat16": "HF transformers"}.get(runtime, runtime)
+
+
+def _fmt(x: float | None, digits: int = 1, mark: str = "") -> str:
+    if x is None:
+        return "-"
+    if x >= 100:
+        digits = 0
+    return f"{mark}{x:.{digits}f}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth: float, weight_bytes: int) -> str:
+    """The markdown report of one configuration."""
+    out = []
+    head = ["runtime", "BLAS / backend", "dtype"] + [f"prompt {n} tok/s" for n in lengths]
+    if lengths:
+        head.append(f"TTFT {lengths[0]} s")
+    head += ["decode tok/s", "load s", "peak RSS GB", "state MiB"]
+    out += [_row(head), _row(["---"] * len(head))]
+    notes = set()
+    for runtime, r in results.items():
+        if "error" in r:
+            out.append(_row([_label(runtime, r), r["error"]] + [""] * (len(head) - 2)))
+            continue
+        cells = [_label(runtime, r), r["blas"], r["dtype"]]
+        for n in lengths:
+            p = r["prompt"].get(str(n))
+            mark = ""
+            if p and "extrapolated_from" in p:
+                mark = "~"
+                notes.add("~ too slow to run in full: the rate of the longest prompt that was timed (favours the peer)")
+            cells.append(_fmt(p and p["tok_s"], mark=mark))
+        if lengths:
+            p = r["prompt"].get(str(lengths[0]))
+            cells.append(_fmt(p and p["ttft_s"], 2, "~" if p and "extrapolated_from" in p else ""))
+        d = r["decode"]
+        if d.get("fewer_than_asked"):
+            notes.add("* decode measured over fewer tokens (too slow for more)")
+        cells += [_fmt(d["tok_s"], 2) + ("*" if d.get("fewer_than_asked") else ""), _fmt(r["load_s"]),
+                  _fmt(r["peak_rss_bytes"] / 1e9, 2), _fmt(r["state_bytes"] / 2**20, 2)]
+        out.append(_row(cells))
+    notes.add("state: after the longest prompt timed (rg_mlx allocates its full attention window at the start)")
+    out += [f"\n{n}" for n in sorted(notes)]
+
+    ours = results.get("rg_mlx")
+    if not ours or "error" in ours:
+        return "\n".join(out)
+    out.append("\nrg_mlx compared with each peer (times better: higher speed, shorter TTFT, smaller RSS and state)\n")
+    head = ["peer"] + [f"prompt {n}" for n in lengths] + ([f"TTFT {lengths[0]}"] if lengths else [])
+    head += ["decode", "peak RSS", "state"]
+    out += [_row(head), _row(["---"] * len(head))]
+    for runtime, r in results.items():
+        if runtime == "rg_mlx" or "error" in r:
+            continue
+        cells = [f"{_label(runtime, r)}, {r['dtype']}"]
+        for n in lengths:
+            cells.append(f"{ours['prompt'][str(n)]['tok_s'] / r['prompt'][str(n)]['tok_s']:.2f}x")
+        if lengths:
+            cells.append(f"{r['prompt'][str(lengths[0])]['ttft_s'] / ours['prompt'][str(lengths[0])]['ttft_s']:.2f}x")
+        cells.append(f"{ours['decode']['tok_s'] / r['decode']['tok_s']:.2f}x")
+        cells.append(f"{r['peak_rss_bytes'] / ours['peak_rss_bytes']:.2f}x")
+        cells.append(f"{r['state_bytes'] / ours['state_bytes']:.2f}x")
+        out.append(_row(cells))
+
+    per_token = weight_bytes + ours["state_bytes"]
+    bound = bandwidth / per_token
+    out.append(
+        f"\nDecode bound: {bandwidth / 1e9:.1f} GB/s read bandwidth / {per_token / 1e9:.2f} GB read per token "
+        f"(weights + state) = {bound:.2f} tok/s; rg_mlx decodes at {ours['decode']['tok_s']:.2f} tok/s = "
+        f"{100 * ours['decode']['tok_s'] / bound:.0f}% of it."
+    )
+    timed = [n for n in lengths if "extrapolated_from" not in ours["prompt"][str(n)]]
+    if len(timed) >= 2:
+        a, b = timed[-2], timed[-1]
+        ratio = ours["prompt"][str(b)]["ttft_s"] / ours["prompt"][str(a)]["ttft_s"]
+        out.append(f"Prompt time growth: t({b}) / t({a}) = {ratio:.2f} (linear: {b / a:.2f}).")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark with the options of `rg_mlx.commands.bench.add_arguments`; print the tables."""
+    from benchmarks.checkpoint import CONFIGS, write_checkpoint
+
+    from rg_mlx.errors import RGError
+
+    unknown = [c for c in args.configs if c not in CONFIGS] + [r for r in args.runtimes if r not in RUNTIMES]
+    if unknown:
+        raise RGError(f"unknown config or runtime {unknown[0]!r}: configs are {', '.join(CONFIGS)}, "
+                      f"runtimes {', '.join(RUNTIMES)}")
+    if any(r.startswith("hf") for r in args.runtimes):
+        import importlib.util
+
+        if not (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
+            raise RGError("the Hugging Face peer needs torch and transformers: pip install -e '.[dev]' "
+                          "(or leave it out with --runtimes rg_mlx,mlx-lm,mlx-lm+blas)")
+    start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"# rg_mlx benchmark\n\nMachine: {machine()}; load average at start {load:.2f}")
+    bandwidth = memory_bandwidth()
+    print(f"Memory read bandwidth: {bandwidth / 1e9:.1f} GB/s\n")
+    report = {"machine": machine(), "bandwidth": bandwidth, "configs": {}}
+    for config in args.configs:
+        disk_dtype, lengths, decode = CONFIG_PLAN[config]
+        lengths = args.prompt_lengths if lengths is None else lengths
+        decode = args.decode_tokens if decode is None else decode
+        folder = args.work_dir / f"{config}-{disk_dtype}"
+        print(f"[{config}] checkpoint {folder} ...", file=sys.stderr, flush=True)
+        write_checkpoint(config, folder, dtype=disk_dtype)
+        weight_bytes = 4 * _parameter_count(config)  # float32 compute
+        results = {}
+        for runtime in args.runtimes:
+            need = 1.3 * weight_bytes * (0.5 if RUNTIMES[runtime][1] == "bfloat16" else 1)
+            if available_bytes() and available_bytes() < need:
+                results[runtime] = {"error": f"skipped: needs about {need / 1e9:.0f} GB of free memory"}
+                continue
+            print(f"[{config}] {runtime} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            # rg_mlx always runs in full: its prompt-time growth is one of the results.
+            budget = 1e9 if runtime == "rg_mlx" else args.budget
+            results[runtime] = run_worker(folder, runtime, lengths, decode, budget)
+            print(f"[{config}] {runtime} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        params = _parameter_count(config)
+        print(f"## {config}: {params / 1e9:.2f}B parameters, float32 weights {weight_bytes / 1e9:.2f} GB\n")
+        print(tables(config, results, lengths, bandwidth, weight_bytes) + "\n", flush=True)
+        report["configs"][config] = {"params": params, "prompt_lengths": lengths, "results": results}
+    total = time.perf_counter() - start
+    print(f"Total time {total / 60:.1f} min; load average at end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _parameter_count(config: str) -> int:
+    from benchmarks.checkpoint import CONFIGS, parameter_count
+
+    return parameter_count(CONFIGS[config])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rg_mlx.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

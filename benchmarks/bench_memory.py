@@ -1,0 +1,156 @@
+"""Memory and latency over one long chat: 32,000 generated tokens in one `ChatSession`.
+
+    python -m benchmarks.bench_memory        # or: rg-mlx bench --memory
+
+Every 1,000 generated tokens it records the process's resident memory (RSS) and the mean and
+median time per generated token (the gaps between tokens of a reply; each reply's first
+token, which includes its prompt, is left out). It prints the samples and the spread after
+warm-up, and plots both to docs/memory.png. The default model is the bundled demo model, whose
+attention window (128) fills within the first reply, so every later token runs on a full state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QUESTIONS = [
+    "How do I install rg_mlx?",
+    "How do I convert a checkpoint?",
+    "What does the chat command do?",
+    "How much memory does a long conversation need?",
+    "Can I quantize the model?",
+    "How do I start the app?",
+    "Tell me more.",
+    "Why is the state a fixed size?",
+]
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_chat(model_path: str, total: int, every: int, seed: int) -> list[dict]:
+    """Chat until `total` tokens were generated; one sample per `every` tokens."""
+    import rg_mlx
+
+    model, tokenizer = rg_mlx.load(model_path)
+    chat = rg_mlx.ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed)
+    samples, gaps, generated, turn = [], [], 0, 0
+    start = time.perf_counter()
+    while generated < total:
+        last = None
+        for r in chat.send(QUESTIONS[turn % len(QUESTIONS)]):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            generated += 1
+            if generated % every == 0:
+                samples.append({
+                    "tokens": generated,
+                    "turns": turn + 1,
+                    "seconds": now - start,
+                    "rss_bytes": rss_bytes(),
+                    "state_bytes": r.state_bytes,
+                    "mean_ms": 1000 * statistics.fmean(gaps) if gaps else None,
+                    "median_ms": 1000 * statistics.median(gaps) if gaps else None,
+                    "tokens_seen": chat.tokens_seen,
+                })
+                gaps = []
+            if generated >= total:
+                break
+        turn += 1
+    return samples
+
+
+def spread(samples: list[dict], warmup: int) -> dict:
+    """RSS variation after warm-up, and latency change from the first window after warm-up to the last."""
+    after = [s for s in samples if s["tokens"] > warmup]
+    rss = [s["rss_bytes"] for s in after]
+    first, last = after[0], after[-1]
+    return {
+        "rss_min": min(rss),
+        "rss_max": max(rss),
+        "rss_spread": (max(rss) - min(rss)) / min(rss),
+        "latency_first_ms": first["mean_ms"],
+        "latency_last_ms": last["mean_ms"],
+        "latency_change": (last["mean_ms"] - first["mean_ms"]) / first["mean_ms"],
+        "median_first_ms": first["median_ms"],
+        "median_last_ms": last["median_ms"],
+        "median_change": (last["median_ms"] - first["median_ms"]) / first["median_ms"],
+        "state_bytes": sorted({s["state_bytes"] for s in samples}),
+    }
+
+
+def plot(samples: list[dict], path: Path, title: str) -> None:
+    """RSS and per-token latency against generated tokens (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = [s["tokens"] / 1000 for s in samples]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    rss = [s["rss_bytes"] / 2**20 for s in samples]
+    a.plot(k, rss, marker="o", markersize=3)
+    a.set_ylabel("resident memory (MiB)")
+    a.set_ylim(0, 1.2 * max(rss))
+    a.set_title(title)
+    a.grid(alpha=0.3)
+    b.plot(k, [s["mean_ms"] for s in samples], marker="o", markersize=3, label="mean")
+    b.plot(k, [s["median_ms"] for s in samples], marker=".", markersize=3, label="median")
+    b.set_ylabel("ms per generated token")
+    b.set_xlabel("generated tokens (thousands), one chat")
+    b.set_ylim(0, 1.2 * max(s["mean_ms"] for s in samples))
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the long chat with `args.memory_*` options; print the samples and the spread."""
+    from rg_mlx import _blas
+
+    samples = run_chat(args.memory_model, args.memory_tokens, 1000, seed=0)
+    s = spread(samples, args.memory_warmup)
+    print(f"# one chat, {samples[-1]['tokens']} generated tokens in {samples[-1]['turns']} replies "
+          f"(model {args.memory_model}, BLAS {_blas.active()})\n")
+    print("| tokens | replies | RSS MiB | state KiB | mean ms/token | median ms/token |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for x in samples:
+        print(f"| {x['tokens']} | {x['turns']} | {x['rss_bytes'] / 2**20:.1f} | {x['state_bytes'] / 1024:.1f} | "
+              f"{x['mean_ms']:.2f} | {x['median_ms']:.2f} |")
+    print(f"\nRSS after the first {args.memory_warmup} tokens: {s['rss_min'] / 2**20:.1f} to "
+          f"{s['rss_max'] / 2**20:.1f} MiB (spread {100 * s['rss_spread']:.2f}%)")
+    print(f"Per-token latency, first 1,000 tokens after warm-up vs the last 1,000: mean {s['latency_first_ms']:.2f} -> "
+          f"{s['latency_last_ms']:.2f} ms ({100 * s['latency_change']:+.1f}%), median {s['median_first_ms']:.2f} -> "
+          f"{s['median_last_ms']:.2f} ms ({100 * s['median_change']:+.1f}%)")
+    print(f"State bytes: {', '.join(str(b) for b in s['state_bytes'])}")
+    plot(samples, args.memory_plot, f"rg_mlx, one chat of {samples[-1]['tokens']} generated tokens")
+    print(f"Plot: {args.memory_plot}")
+    if args.json:
+        args.json.write_text(json.dumps({"samples": samples, "spread": s}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rg_mlx.cli import main as cli_main
+
+    return cli_main(["bench", "--memory", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Random-weight benchmark checkpoints in Hugging Face format, loadable by rg_mlx, mlx-lm and transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from rg_mlx.config import ModelArgs, preset
+
+# "bench": the 2B widths with 6 layers (R R A R R A) and the full vocabulary, about 1.1B parameters.
+CONFIGS: dict[str, ModelArgs] = {
+    "bench": ModelArgs(
+        vocab_size=256000,
+        hidden_size=2560,
+        intermediate_size=2 * 7680,
+        num_hidden_layers=6,
+        num_attention_heads=10,
+        block_types=["recurrent", "recurrent", "attention"],
+        attention_window_size=2048,
+        logits_soft_cap=30.0,
+    ),
+    "2b": preset("2b"),
+}
+
+_SHARD_BYTES = 2 << 30
+
+
+def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes (conv weight in HF's `[L, 1, 4]` layout)."""
+    from mlx.utils import tree_flatten
+
+    from rg_mlx.model import Model
+
+    shapes = {name: tuple(p.shape) for name, p in tree_flatten(Model(args).parameters())}
+    for name, shape in shapes.items():
+        if name.endswith("conv_1d.weight"):
+            shapes[name] = (shape[0], 1, shape[1])
+    return shapes
+
+
+def _random(name: str, shape: tuple[int, ...], dtype):
+    """Weights at the scale of a trained model: unit-variance activations, decays in [0.9, 0.999]."""
+    import mlx.core as mx
+
+    if name.endswith("recurrent_param"):
+        # Hugging Face's initialisation.
+        u = mx.random.uniform(0.9**2, 0.999**2, shape)
+        w = mx.log(mx.exp(-0.5 * mx.log(u)) - 1.0)
+    elif name.endswith(("bias", "norm.weight")):
+        w = 0.02 * mx.random.normal(shape)
+    else:
+        # Linear [out, in], embedding [V, W], conv [L, 1, K]: the last axis; block-diagonal [H, in, out]: axis 1.
+        fan_in = shape[1] if len(shape) == 3 and shape[1] != 1 else shape[-1]
+        w = mx.random.normal(shape) / math.sqrt(fan_in)
+    return w.astype(dtype)
+
+
+def write_checkpoint(name: str, folder: Path, *, dtype: str = "float32", seed: int = 0) -> Path:
+    """Write the random-weight checkpoint `name` (a key of `CONFIGS`) to `folder` unless it is there.
+
+    The folder holds `config.json` (rg_mlx's normalised spelling, read by all three runtimes)
+    and sharded `model-*.safetensors` with an index. It is written under a temporary name and
+    renamed at the end, so an interrupted run never leaves a half-written checkpoint.
+    """
+    import mlx.core as mx
+
+    folder = Path(folder)
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    args = CONFIGS[name]
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx_dtype = getattr(mx, dtype)
+    mx.random.seed(seed)
+
+    shapes = parameter_shapes(args)
+    shards: list[list[str]] = [[]]
+    size = 0
+    nbytes = {n: math.prod(s) * mx_dtype.size for n, s in shapes.items()}
+    for n in shapes:
+        if shards[-1] and size + nbytes[n] > _SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes[n]
+
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: _random(n, shapes[n], mx_dtype) for n in names}
+        mx.save_safetensors(str(tmp / file), tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del tensors
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = args.to_dict()
+    config["torch_dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Number of parameters (the tied embedding counted once)."""
+    return sum(math.prod(s) for s in parameter_shapes(args).values())
