@@ -45,7 +45,9 @@ def sgemm_provider(ld_debug: str) -> str:
 
 
 def have_mkl() -> bool:
-    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so.*")))
+    # The same places rg_mlx._blas looks (a venv sees its base interpreter's lib/ too).
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return any(glob.glob(os.path.join(p, "lib", "libmkl_rt.so.*")) for p in prefixes)
 
 
 def have_openblas() -> bool:
