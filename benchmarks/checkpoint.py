@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from rg_mlx.config import ModelArgs, preset
+from rg_mlx.model import initial_weight
 
 # "bench": the 2B widths with 6 layers (R R A R R A) and the full vocabulary, about 1.1B parameters.
 CONFIGS: dict[str, ModelArgs] = {
@@ -38,23 +39,6 @@ def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if name.endswith("conv_1d.weight"):
             shapes[name] = (shape[0], 1, shape[1])
     return shapes
-
-
-def _random(name: str, shape: tuple[int, ...], dtype):
-    """Weights at the scale of a trained model: unit-variance activations, decays in [0.9, 0.999]."""
-    import mlx.core as mx
-
-    if name.endswith("recurrent_param"):
-        # Hugging Face's initialisation.
-        u = mx.random.uniform(0.9**2, 0.999**2, shape)
-        w = mx.log(mx.exp(-0.5 * mx.log(u)) - 1.0)
-    elif name.endswith(("bias", "norm.weight")):
-        w = 0.02 * mx.random.normal(shape)
-    else:
-        # Linear [out, in], embedding [V, W], conv [L, 1, K]: the last axis; block-diagonal [H, in, out]: axis 1.
-        fan_in = shape[1] if len(shape) == 3 and shape[1] != 1 else shape[-1]
-        w = mx.random.normal(shape) / math.sqrt(fan_in)
-    return w.astype(dtype)
 
 
 def write_checkpoint(name: str, folder: Path, *, dtype: str = "float32", seed: int = 0) -> Path:
@@ -90,7 +74,7 @@ def write_checkpoint(name: str, folder: Path, *, dtype: str = "float32", seed: i
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _random(n, shapes[n], mx_dtype) for n in names}
+        tensors = {n: initial_weight(n, shapes[n], args.num_hidden_layers).astype(mx_dtype) for n in names}
         mx.save_safetensors(str(tmp / file), tensors, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
         del tensors

@@ -54,10 +54,10 @@ class MLXRunner:
         prompt = mx.array(ids, dtype=mx.int32)
         self.cache = self.model.make_cache()
         if self.runtime == "rg_mlx":
-            from rg_mlx.generate import Sampling, _token_steps
+            from rg_mlx import Sampling, generate_step
 
             sampling = Sampling(vocab_size=self.model.args.vocab_size, temperature=0.0)
-            yield from _token_steps(self.model, prompt[None], self.cache, sampling, n, 512)
+            yield from generate_step(self.model, prompt[None], self.cache, sampling, n)
         else:
             from mlx_lm.generate import generate_step
 

@@ -124,9 +124,12 @@ def rg_lru_step(
     h0: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """One decode step (T = 1) as a single compiled elementwise function."""
-    B, _, L = x.shape
-    if h0 is None:
-        h0 = mx.zeros((B, L), mx.float32)
-    if reset is None:
-        reset = mx.zeros((B, 1), mx.bool_)
-    return _step(x, gate_x, gate_a, a_param, reset, h0)
+    return _step(x, gate_x, gate_a, a_param, *with_defaults(x, reset, h0))
+
+
+def with_defaults(x: mx.array, reset: mx.array | None, h0: mx.array | None) -> tuple[mx.array, mx.array]:
+    """`reset` `[B, T]` as bool and `h0` `[B, L]` as float32, zeros where None."""
+    B, T, L = x.shape
+    reset = mx.zeros((B, T), mx.bool_) if reset is None else reset.astype(mx.bool_)
+    h0 = mx.zeros((B, L), mx.float32) if h0 is None else h0.astype(mx.float32)
+    return reset, h0

@@ -28,6 +28,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .ops import with_defaults
+
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 THREADGROUP = 256
 # The chunked variant runs when batch x channels gives fewer threads than this over 4,
@@ -260,8 +262,7 @@ def fused_scan(
     B, T, L = x.shape
     if x.dtype not in DTYPES:
         raise ValueError(f"the RG-LRU kernels take float32, float16 or bfloat16 inputs, not {x.dtype}")
-    reset = mx.zeros((B, T), mx.bool_) if reset is None else reset.astype(mx.bool_)
-    h0 = mx.zeros((B, L), mx.float32) if h0 is None else h0.astype(mx.float32)
+    reset, h0 = with_defaults(x, reset, h0)
     gates = [x, gate_x, gate_a, a_param, reset]
     launch = dict(threadgroup=(THREADGROUP, 1, 1), template=[("OutT", x.dtype)])
     outputs = dict(output_shapes=[x.shape, (B, L)], output_dtypes=[x.dtype, mx.float32])

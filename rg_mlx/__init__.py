@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 from .chat import ChatSession
 from .config import ModelArgs, preset
 from .errors import RGError
-from .generate import GenerationResponse, batch_generate, generate, stream_generate
+from .generate import GenerationResponse, Sampling, batch_generate, generate, generate_step, stream_generate
 from .loading import load, load_model
 from .model import Model
 from .tokenizer import Tokenizer
@@ -18,9 +18,11 @@ __all__ = [
     "ModelArgs",
     "Model",
     "RGError",
+    "Sampling",
     "Tokenizer",
     "batch_generate",
     "generate",
+    "generate_step",
     "load",
     "load_model",
     "preset",

@@ -13,16 +13,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.models.cache import ArraysCache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from .errors import RGError
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mlx_lm.models.cache import ArraysCache
 
 State = list[list[mx.array | None]]
 
@@ -96,6 +97,8 @@ class Sampling:
             raise RGError(f"repetition_penalty={repetition_penalty}: must be > 0 (1 disables it)")
         if repetition_context_size < 1:
             raise RGError(f"repetition_context_size={repetition_context_size}: must be >= 1")
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
         self.temperature = float(temperature)
         # The filter chain of mlx-lm's `make_sampler`, in its order.
         self.filters = []
@@ -133,6 +136,23 @@ class Sampling:
         return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
 
 
+# mlx_lm is imported on first use, not with rg_mlx: it imports transformers (and torch where
+# installed), seconds that `rg-mlx --help` or `rg-mlx convert` should not pay.
+@cache
+def generation_stream() -> mx.Stream:
+    """mlx-lm's generation stream (generation runs on it, as in mlx-lm)."""
+    from mlx_lm.generate import generation_stream
+
+    return generation_stream
+
+
+def wired_limit(model: nn.Module, streams: list[mx.Stream]):
+    """mlx-lm's context manager that wires the model's memory on Apple silicon."""
+    from mlx_lm.generate import wired_limit
+
+    return wired_limit(model, streams)
+
+
 def copy_state(cache: list[ArraysCache]) -> State:
     """A snapshot of the state: references to its (immutable) arrays, no copy of the data."""
     return [list(c.cache) for c in cache]
@@ -158,7 +178,7 @@ def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int
     if step < 1:
         raise RGError(f"prefill_step_size={step}: must be >= 1")
     starts = range(0, tokens.shape[1], step)
-    with mx.stream(generation_stream):
+    with mx.stream(generation_stream()):
         for start in starts[:-1]:
             model.model(tokens[:, start : start + step], cache)
             mx.eval([c.state for c in cache])
@@ -167,15 +187,16 @@ def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int
         return model.logits(hidden[:, -1, :])
 
 
-def _token_steps(
+def generate_step(
     model: nn.Module,
     prompt: mx.array,
     cache: list[ArraysCache],
     sampling: Sampling,
     max_tokens: int,
-    prefill_step_size: int,
+    prefill_step_size: int = 512,
 ) -> Iterator[mx.array]:
-    """Yield the sampled tokens `[B]` (evaluated) of each step.
+    """The token loop under `stream_generate` and `batch_generate`: yields the sampled tokens
+    `[B]` (evaluated) of each step, for `prompt` ids `[B, T]` fed into `cache`.
 
     On a GPU the next step is computed while the caller looks at the current token (as in
     mlx-lm); on the CPU that only adds thread hand-offs, so steps run one after the other.
@@ -189,7 +210,7 @@ def _token_steps(
         nonlocal history
         if history is not None:
             history = mx.concatenate([history, y[:, None]], axis=1)[:, -sampling.context_size :]
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream()):
             return sampling(model(y[:, None], cache)[:, -1, :], history)
 
     def pending(y: mx.array) -> list:
@@ -285,8 +306,8 @@ def _stream(
     text_stream = _TextStream(tokenizer, stop)
     tic = time.perf_counter()
     prompt_time = prompt_tps = 0.0
-    steps = _token_steps(model, mx.array([ids], dtype=mx.int32), cache, sampling, max_tokens, prefill_step_size)
-    with wired_limit(model, [generation_stream]):
+    steps = generate_step(model, mx.array([ids], dtype=mx.int32), cache, sampling, max_tokens, prefill_step_size)
+    with wired_limit(model, [generation_stream()]):
         try:
             for n, y in enumerate(steps, start=1):
                 token = y.item()
@@ -385,6 +406,15 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int]
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
+def left_padded(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, list[ArraysCache]]:
+    """Prompts of different lengths as one left-padded batch `[B, T]`, and a fresh state in which
+    each row's document starts after its padding (so the padding never reaches it)."""
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    tokens = mx.array([[pad_id] * p + list(r) for p, r in zip(padding, rows)], dtype=mx.int32)
+    return tokens, model.make_cache(left_padding=padding)
+
+
 def batch_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -423,15 +453,12 @@ def batch_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
     )
-    width = max(len(r) for r in rows)
-    padding = [width - len(r) for r in rows]
-    tokens = mx.array([[tokenizer.pad_id or 0] * p + r for p, r in zip(padding, rows)], dtype=mx.int32)
-    cache = model.make_cache(left_padding=padding)
+    tokens, cache = left_padded(model, rows, tokenizer.pad_id or 0)
     streams = [_TextStream(tokenizer, _stop_strings(stop)) for _ in rows]
     texts = [""] * len(rows)
     done = [False] * len(rows)
-    with wired_limit(model, [generation_stream]):
-        steps = _token_steps(model, tokens, cache, sampling, max_tokens, prefill_step_size)
+    with wired_limit(model, [generation_stream()]):
+        steps = generate_step(model, tokens, cache, sampling, max_tokens, prefill_step_size)
         try:
             for n, y in enumerate(steps, start=1):
                 for i, token in enumerate(y.tolist()):

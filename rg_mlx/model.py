@@ -15,14 +15,18 @@ mlx-lm's generation and prompt-cache files work on this model unchanged.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache
 
 from .config import ModelArgs
 from .fast_math import gelu_mul, soft_cap
 from .kernels import rg_lru
+from .parallel import Linear, linear
+
+if TYPE_CHECKING:
+    from mlx_lm.models.cache import ArraysCache
 
 # Position of an empty ring-buffer slot: outside every query's window.
 _EMPTY = -(2**30)
@@ -50,9 +54,9 @@ class MLPBlock(nn.Module):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(width, hidden)
-        self.up_proj = nn.Linear(width, hidden)
-        self.down_proj = nn.Linear(hidden, width)
+        self.gate_proj = Linear(width, hidden)
+        self.up_proj = Linear(width, hidden)
+        self.down_proj = Linear(hidden, width)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -114,9 +118,9 @@ class RecurrentBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         W, L = args.hidden_size, args.lru_width
-        self.linear_y = nn.Linear(W, L)
-        self.linear_x = nn.Linear(W, L)
-        self.linear_out = nn.Linear(L, W)
+        self.linear_y = Linear(W, L)
+        self.linear_x = Linear(W, L)
+        self.linear_out = Linear(L, W)
         self.conv_1d = Conv1D(L, args.conv1d_width)
         self.rg_lru = RGLRU(L, args.num_attention_heads)
 
@@ -161,10 +165,10 @@ class LocalAttentionBlock(nn.Module):
         self.rope_dims = int(D * args.partial_rotary_factor)
         self.rope_base = args.rope_theta
         self.scale = D**-0.5
-        self.q_proj = nn.Linear(W, H * D, bias=False)
-        self.k_proj = nn.Linear(W, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(W, self.num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(H * D, W, bias=True)
+        self.q_proj = Linear(W, H * D, bias=False)
+        self.k_proj = Linear(W, self.num_kv_heads * D, bias=False)
+        self.v_proj = Linear(W, self.num_kv_heads * D, bias=False)
+        self.o_proj = Linear(H * D, W, bias=True)
 
     def __call__(self, x: mx.array, positions: mx.array, cache: ArraysCache | None) -> mx.array:
         B, T, _ = x.shape
@@ -283,7 +287,8 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Tied output layer and soft cap: `tanh(h E^T / cap) * cap`."""
-        logits = self.model.embed_tokens.as_linear(hidden)
+        embed = self.model.embed_tokens
+        logits = linear(hidden, embed.weight) if isinstance(embed, nn.Embedding) else embed.as_linear(hidden)
         cap = self.args.logits_soft_cap
         return soft_cap(logits, cap) if cap else logits
 
@@ -298,6 +303,8 @@ class Model(nn.Module):
         `[keys, values, key_positions, next_position]`. With `left_padding`, row i
         starts its document after `left_padding[i]` padding tokens.
         """
+        from mlx_lm.models.cache import ArraysCache
+
         caches = []
         for layer in self.layers:
             c = ArraysCache(3 if layer.temporal_block_type == "recurrent" else 4)
@@ -313,3 +320,20 @@ class Model(nn.Module):
             if k.endswith("conv_1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] != 1:
                 weights[k] = v.swapaxes(1, 2)
         return weights
+
+
+def initial_weight(name: str, shape: tuple[int, ...], num_layers: int) -> mx.array:
+    """DeepMind's initialisation of the parameter `name` (float32): variance-scaled normals, output
+    projections scaled by 2 / layers, zero biases and norms, RG-LRU decays a in [0.9, 0.999]."""
+    leaf = name.rsplit(".", 1)[-1]
+    if "embed_tokens" in name:
+        return mx.random.normal(shape) * math.sqrt(1.0 / shape[-1])
+    if leaf == "recurrent_param":
+        radius_sq = mx.random.uniform(0.9**2, 0.999**2, shape)
+        return mx.log(mx.expm1(-0.5 * mx.log(radius_sq)))  # softplus^-1(-log radius)
+    if "conv_1d" in name and leaf == "weight":  # [L, K, 1] here, [L, 1, K] in checkpoints
+        return mx.random.normal(shape) * math.sqrt(0.01 / math.prod(shape[1:]))
+    if leaf.endswith("weight") and len(shape) >= 2:  # Linear [out, in]; block-diagonal gates [H, in, out]
+        output = any(f".{o}." in f".{name}" for o in ("o_proj", "linear_out", "down_proj"))
+        return mx.random.normal(shape) * math.sqrt((2.0 / num_layers if output else 1.0) / shape[1])
+    return mx.zeros(shape)  # biases and norm scales (RMSNorm multiplies by 1 + scale)

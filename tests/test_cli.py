@@ -107,3 +107,15 @@ def test_bad_flags_are_errors(tiny_model_dir, capsys):
     assert "temperature" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--system", "x"]) == 1
     assert "--system needs --chat" in capsys.readouterr().err
+
+
+def test_import_and_help_do_not_load_mlx_lm():
+    # mlx_lm imports transformers (and torch where installed): seconds that `rg-mlx --help`,
+    # `--version` and `convert` must not pay. Generation imports it on first use.
+    code = (
+        "import sys, rg_mlx, rg_mlx.cli, rg_mlx.convert\n"
+        "assert 'mlx_lm' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n"
+        "import rg_mlx.commands.generate, rg_mlx.commands.chat\n"
+        "assert 'mlx_lm' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import rg_mlx.model as model_mod
+import rg_mlx.parallel as parallel
 from rg_mlx import ModelArgs, RGError, load_model, preset
 from reference import dm_to_hf, reference_logits, reference_model, save_hf_folder
 
@@ -49,6 +50,17 @@ def test_chunked_prefill_then_decode_matches_reference(pair, chunk):
     cache = model.make_cache()
     prefill = 2 * WINDOW + 3
     outs = [np.array(model(mx.array(tokens[:, s : min(prefill, s + chunk)]), cache=cache)) for s in range(0, prefill, chunk)]
+    outs += [np.array(model(mx.array(tokens[:, t : t + 1]), cache=cache)) for t in range(prefill, T)]
+    assert np.abs(np.concatenate(outs, axis=1) - expected).max() <= 1e-4
+
+
+def test_decode_split_over_cpu_streams_matches_reference(pair, monkeypatch):
+    # Decode-sized products of large weights run split over CPU streams; force it for tiny weights.
+    monkeypatch.setattr(parallel, "MIN_BYTES", 0)
+    _, model, tokens, expected = pair
+    cache = model.make_cache()
+    prefill = 2 * WINDOW + 3
+    outs = [np.array(model(mx.array(tokens[:, :prefill]), cache=cache))]
     outs += [np.array(model(mx.array(tokens[:, t : t + 1]), cache=cache)) for t in range(prefill, T)]
     assert np.abs(np.concatenate(outs, axis=1) - expected).max() <= 1e-4
 

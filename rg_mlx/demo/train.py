@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from rg_mlx.config import ModelArgs
-from rg_mlx.model import Model
+from rg_mlx.model import Model, initial_weight
 from rg_mlx.tokenizer import Tokenizer
 
 from . import corpus as corpus_lib
@@ -58,13 +57,16 @@ DECISION_TOKENS = 4
 DECISION_WEIGHT = 4.0
 # Each epoch drops this share of the question tokens at random, so the model learns to answer
 # from any of a question's cues rather than its exact wording (paraphrases it never saw).
-QUESTION_DROPOUT = 0.1
+QUESTION_DROPOUT = 0.2
 LENGTH_BUCKET = 16  # sequences are padded to a multiple of this (few distinct shapes)
 
 
-def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+def train_tokenizer(
+    texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE, *, character_coverage: float = 1.0
+) -> Tokenizer:
     """A byte-fallback BPE SentencePiece model with Gemma's special pieces: pad 0, eos 1, bos 2, unk 3,
-    `<start_of_turn>`, `<end_of_turn>`."""
+    `<start_of_turn>`, `<end_of_turn>`; written to `folder / "tokenizer.model"`. Characters outside
+    the most frequent `character_coverage` share are left to byte fallback."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -82,7 +84,7 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE
         bos_piece="<bos>",
         unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        character_coverage=1.0,
+        character_coverage=character_coverage,
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
@@ -157,28 +159,8 @@ def _padded(n: int) -> int:
 
 
 def init_weights(model: Model, args: ModelArgs) -> None:
-    """DeepMind's initialisation: variance-scaled normals, output projections scaled by
-    2 / layers, zero biases and norms, RG-LRU decays spread over a in [0.9, 0.999]."""
-    final_scale = 2.0 / args.num_hidden_layers
-    outputs = ("o_proj", "linear_out", "down_proj")
-
-    def init(path: str, p: mx.array) -> mx.array:
-        leaf = path.rsplit(".", 1)[-1]
-        if "embed_tokens" in path:
-            return mx.random.normal(p.shape) * math.sqrt(1.0 / p.shape[-1])
-        if "recurrent_param" in path:
-            radius_sq = mx.random.uniform(0.9**2, 0.999**2, p.shape)
-            return mx.log(mx.expm1(-0.5 * mx.log(radius_sq)))  # softplus^-1(-log radius)
-        if "gate_weight" in path and "rg_lru" in path:  # block-diagonal [H, in, out]
-            return mx.random.normal(p.shape) * math.sqrt(1.0 / p.shape[1])
-        if "conv_1d.weight" in path:
-            return mx.random.normal(p.shape) * math.sqrt(0.01 / p.shape[1])
-        if leaf == "weight" and p.ndim == 2:  # Linear [out, in]
-            scale = final_scale if any(o in path for o in outputs) else 1.0
-            return mx.random.normal(p.shape) * math.sqrt(scale / p.shape[1])
-        return mx.zeros_like(p)  # biases and norm scales (RMSNorm multiplies by 1 + scale)
-
-    model.update(tree_map_with_path(init, model.parameters()))
+    """DeepMind's initialisation (`rg_mlx.model.initial_weight`) of every parameter."""
+    model.update(tree_map_with_path(lambda name, p: initial_weight(name, p.shape, args.num_hidden_layers), model.parameters()))
 
 
 def loss_fn(model: Model, inputs: mx.array, index: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
