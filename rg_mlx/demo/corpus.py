@@ -13,12 +13,13 @@ evaluation and the tests all see the same corpus.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
 
 # Questions per topic: training and held out.
-TRAIN_PER_TOPIC = 40
+TRAIN_PER_TOPIC = 60
 HELD_OUT_PER_TOPIC = 6
 # Conversations of two or three turns (a follow-up question after an answer).
 MULTI_TURN = 400
@@ -57,6 +58,18 @@ HOWTO_FRAMES = (
     "How does one {}?",
     "Walk me through how to {}.",
     "Do you know how to {}?",
+    "Can I {}?",
+    "How might I {}?",
+    "Any tips to {}?",
+    "What's the trick to {}?",
+    "Remind me how to {}.",
+    "Teach me to {}.",
+    "Would you show me how to {}?",
+    "I have to {}. How?",
+    "Guide me to {}.",
+    "Is there a way to {}?",
+    "How am I supposed to {}?",
+    "What's needed to {}?",
 )
 HOWTO_FRAMES_HELD_OUT = (
     "What's the easiest way to {}?",
@@ -83,6 +96,16 @@ WHAT_FRAMES = (
     "What's the idea behind {}?",
     "Can you tell me what {} is?",
     "So what is {}?",
+    "What's the meaning of {}?",
+    "Can you clarify {}?",
+    "Give me an overview of {}.",
+    "Summarize {}.",
+    "What should I know about {}?",
+    "Talk about {}.",
+    "In short, what is {}?",
+    "Remind me what {} is.",
+    "What is {} exactly?",
+    "Please explain {}.",
 )
 WHAT_FRAMES_HELD_OUT = (
     "I keep hearing about {}. What is it?",
@@ -94,6 +117,69 @@ PREFIXES = ("Hi! ", "Hey, ", "Quick question: ", "Question: ", "Sorry to bother 
 SUFFIXES = (" Thanks!", " Thank you.", " Please.", " Thanks in advance.")
 
 REAL = "google/recurrentgemma-2b-it"
+# Words and phrases that mean the same here. Training questions are varied by swapping one for
+# another of its group, so the model learns words rather than whole sentences. The held-out
+# questions are never produced this way: training excludes every held-out phrasing.
+SYNONYMS = (
+    ("install", "set up"),
+    ("rg_mlx", "this package", "this library", "this tool"),
+    ("computer", "machine", "laptop", "Mac", "PC"),
+    ("model", "checkpoint"),
+    ("Hugging Face", "HF", "huggingface"),
+    ("the app", "the web app", "the web UI", "the browser app", "the Gradio app", "the GUI"),
+    ("the terminal", "the shell", "the command line", "the console"),
+    ("in Python", "in a Python script", "in my code", "in a script"),
+    ("from Python", "from a script", "from my code", "from a Python program"),
+    ("generate text", "produce text", "write text", "create text"),
+    ("a prompt", "an input", "some text"),
+    ("the prompt", "the input"),
+    ("memory", "RAM"),
+    ("faster", "quicker"),
+    ("fast", "quick"),
+    ("a reply", "an answer", "a response"),
+    ("the reply", "the answer", "the response", "the output"),
+    ("answers", "replies", "responses", "outputs"),
+    ("a chat", "a conversation"),
+    ("the chat", "the conversation"),
+    ("save", "store"),
+    ("change", "modify", "adjust", "tweak"),
+    ("start the", "launch the"),
+    ("quantize", "quantise"),
+    ("4-bit", "4 bit"),
+    ("8-bit", "8 bit"),
+    ("4 bits", "four bits"),
+    ("8 bits", "eight bits"),
+    ("smaller", "lighter", "more compact"),
+    ("download", "fetch", "grab"),
+    ("use", "try", "work with"),
+    ("several", "many", "multiple"),
+    ("at once", "together", "in one go"),
+    ("GPU", "graphics card"),
+    ("CPU", "processor"),
+    ("show", "display"),
+    ("options", "settings"),
+    ("folder", "directory"),
+    ("big", "large"),
+    ("bigger", "larger"),
+    ("small", "tiny", "little"),
+    ("stop", "halt"),
+    ("tokens", "words"),
+    ("repo", "repository"),
+    ("run", "execute"),
+    ("a file", "a text file"),
+    ("float16", "half precision", "fp16"),
+    ("bfloat16", "bf16"),
+    ("PyTorch", "torch"),
+    ("weights", "parameters"),
+    ("the demo model", "the bundled model", "the built-in model"),
+)
+# Whole words only, and never inside a command, flag, path or identifier (`--model`, `rg_mlx.load`, `rg-mlx chat`).
+_SYNONYM_PATTERNS = [
+    (re.compile(r"(?<![\w./`-])(?<!rg-mlx )" + re.escape(w) + r"(?![\w/`(-])(?!\.\w)", re.IGNORECASE), group)
+    for group in SYNONYMS
+    for w in group
+]
+
 
 
 @dataclass(frozen=True)
@@ -799,6 +885,18 @@ def _vary(base: str, rng: random.Random) -> str:
     return base
 
 
+def _swap(text: str, rng: random.Random) -> str:
+    """`text` with one word or phrase of `SYNONYMS` replaced by another of its group (unchanged if none occurs)."""
+    found = [(m, group) for pattern, group in _SYNONYM_PATTERNS for m in pattern.finditer(text)]
+    if not found:
+        return text
+    match, group = rng.choice(found)
+    word = rng.choice([w for w in group if w.lower() != match.group(0).lower()])
+    if match.start() == 0:
+        word = word[0].upper() + word[1:]
+    return text[: match.start()] + word + text[match.end() :]
+
+
 def _bases(topic: Topic, held_out: bool) -> tuple[list[str], list[str]]:
     """(written questions, frame-built questions) of a topic, for training or held out."""
     if not held_out:
@@ -813,45 +911,60 @@ def _bases(topic: Topic, held_out: bool) -> tuple[list[str], list[str]]:
     return list(topic.held_out_questions), built
 
 
-def _questions(topic: Topic, n: int, rng: random.Random) -> list[str]:
-    """`n` distinct training questions: the written ones first, then frame-built ones, then variants."""
+def _questions(topic: Topic, n: int, rng: random.Random, exclude: set[str]) -> list[str]:
+    """`n` distinct training questions: every written one, then frame-built ones and variants of
+    all of them (synonyms swapped in, greetings, thanks, case). None normalises into `exclude`."""
     written, built = _bases(topic, held_out=False)
-    rng.shuffle(built)
     bases = written + built
     out: list[str] = []
-    seen: set[str] = set()
-    for q in bases[:n] + [_vary(rng.choice(bases), rng) for _ in range(50 * n)]:
-        if _norm(q) not in seen and len(out) < n:
+    seen = set(exclude)
+    draws = (_draw(bases, rng) for _ in range(50 * n))
+    for q in itertools.chain(written, draws):
+        if len(out) == n:
+            break
+        if _norm(q) not in seen:
             seen.add(_norm(q))
             out.append(q)
     return out
 
 
-def _held_out_questions(topic: Topic, n: int, rng: random.Random, exclude: set[str]) -> list[str]:
+def _draw(bases: list[str], rng: random.Random) -> str:
+    q = rng.choice(bases)
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        q = _swap(q, rng)
+    return _vary(q, rng)
+
+
+def _held_out_questions(topic: Topic, n: int, rng: random.Random) -> list[str]:
     """Up to `n` held-out questions, each from a different held-out phrasing (possibly varied)."""
     written, built = _bases(topic, held_out=True)
     rng.shuffle(built)
-    out = []
+    out: list[str] = []
     for base in written + built:
         q = _vary(base, rng)
-        if _norm(q) not in exclude and len(out) < n:
-            exclude.add(_norm(q))
+        if _norm(q) not in {_norm(o) for o in out} and len(out) < n:
             out.append(q)
     return out
 
 
 def build(seed: int = SEED) -> Corpus:
-    """The whole corpus (deterministic for a given `seed`)."""
-    rng = random.Random(seed)
-    train: list[Example] = []
+    """The whole corpus (deterministic for a given `seed`).
+
+    The held-out questions are drawn first; no training question normalises to any held-out
+    phrasing (drawn or not), so synonym swaps cannot recreate one."""
+    held_rng, rng = random.Random(seed), random.Random(seed + 1)
     held_out: list[Example] = []
+    reserved: set[str] = set()
     for topic in TOPICS:
-        questions = _questions(topic, TRAIN_PER_TOPIC, rng)
-        train += [Example(q, topic.name, topic.answer, topic.expected) for q in questions]
-    seen = {_norm(e.question) for e in train}
-    for topic in TOPICS:
-        questions = _held_out_questions(topic, HELD_OUT_PER_TOPIC, rng, exclude=seen)
+        written, built = _bases(topic, held_out=True)
+        reserved |= {_norm(q) for q in written + built}
+        questions = _held_out_questions(topic, HELD_OUT_PER_TOPIC, held_rng)
         held_out += [Example(q, topic.name, topic.answer, topic.expected) for q in questions]
+    reserved |= {_norm(e.question) for e in held_out}
+    train: list[Example] = []
+    for topic in TOPICS:
+        questions = _questions(topic, TRAIN_PER_TOPIC, rng, exclude=reserved)
+        train += [Example(q, topic.name, topic.answer, topic.expected) for q in questions]
 
     conversations = [_turns([e]) for e in train]
     for _ in range(MULTI_TURN):

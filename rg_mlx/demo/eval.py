@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rg_mlx.generate import stream_generate
+from rg_mlx.generate import Sampling, generate_step, left_padded
 from rg_mlx.tokenizer import Tokenizer
 
 from . import corpus as corpus_lib
@@ -49,21 +49,34 @@ class Result:
         )
 
 
-def reply(model, tokenizer: Tokenizer, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, bool]:
-    """The greedy reply to a conversation, and whether it ended at `<end_of_turn>`."""
-    prompt = tokenizer.chat_tokens(messages)
-    text, last = "", None
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, temperature=0.0):
-        text += r.text
-        last = r.token
-    return text, last == tokenizer.end_of_turn_id
+def replies(
+    model, tokenizer: Tokenizer, conversations: list[list[dict[str, str]]], max_tokens: int, batch_size: int = 64
+) -> list[tuple[str, bool]]:
+    """Greedy replies to the last user message of each conversation, and whether each ended at
+    `<end_of_turn>` (or `<eos>`). Runs left-padded batches; greedy rows equal single runs."""
+    sampling = Sampling(vocab_size=model.args.vocab_size, temperature=0.0)
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        rows = [tokenizer.chat_tokens(m) for m in conversations[start : start + batch_size]]
+        tokens, cache = left_padded(model, rows, tokenizer.pad_id or 0)
+        generated: list[list[int]] = [[] for _ in rows]
+        ended = [False] * len(rows)
+        for y in generate_step(model, tokens, cache, sampling, max_tokens):
+            for i, token in enumerate(y.tolist()):
+                if not ended[i]:
+                    ended[i] = token in tokenizer.stop_ids
+                    if not ended[i]:
+                        generated[i].append(token)
+            if all(ended):
+                break
+        out += [(tokenizer.decode(g), e) for g, e in zip(generated, ended)]
+    return out
 
 
 def score(model, tokenizer: Tokenizer, name: str, items: list[tuple[list[dict[str, str]], str]], max_tokens: int) -> Result:
     """Score conversations `(messages, expected)`: the reply to the last user message must contain `expected`."""
     result = Result(name)
-    for messages, expected in items:
-        text, ended = reply(model, tokenizer, messages, max_tokens)
+    for (messages, expected), (text, ended) in zip(items, replies(model, tokenizer, [m for m, _ in items], max_tokens)):
         result.total += 1
         result.correct += expected in text
         result.ended += ended
