@@ -61,12 +61,9 @@ QUESTION_DROPOUT = 0.2
 LENGTH_BUCKET = 16  # sequences are padded to a multiple of this (few distinct shapes)
 
 
-def train_tokenizer(
-    texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE, *, character_coverage: float = 1.0
-) -> Tokenizer:
+def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     """A byte-fallback BPE SentencePiece model with Gemma's special pieces: pad 0, eos 1, bos 2, unk 3,
-    `<start_of_turn>`, `<end_of_turn>`; written to `folder / "tokenizer.model"`. Characters outside
-    the most frequent `character_coverage` share are left to byte fallback."""
+    `<start_of_turn>`, `<end_of_turn>`."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -84,7 +81,7 @@ def train_tokenizer(
         bos_piece="<bos>",
         unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        character_coverage=character_coverage,
+        character_coverage=1.0,
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
