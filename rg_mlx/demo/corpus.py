@@ -935,14 +935,15 @@ def _draw(bases: list[str], rng: random.Random) -> str:
     return _vary(q, rng)
 
 
-def _held_out_questions(topic: Topic, n: int, rng: random.Random) -> list[str]:
-    """Up to `n` held-out questions, each from a different held-out phrasing (possibly varied)."""
-    written, built = _bases(topic, held_out=True)
+def _held_out_questions(written: list[str], built: list[str], n: int, rng: random.Random) -> list[str]:
+    """Up to `n` held-out questions from a topic's held-out bases, each from a different phrasing (possibly varied)."""
     rng.shuffle(built)
     out: list[str] = []
+    seen: set[str] = set()
     for base in written + built:
         q = _vary(base, rng)
-        if _norm(q) not in {_norm(o) for o in out} and len(out) < n:
+        if _norm(q) not in seen and len(out) < n:
+            seen.add(_norm(q))
             out.append(q)
     return out
 
@@ -958,7 +959,7 @@ def build(seed: int = SEED) -> Corpus:
     for topic in TOPICS:
         written, built = _bases(topic, held_out=True)
         reserved |= {_norm(q) for q in written + built}
-        questions = _held_out_questions(topic, HELD_OUT_PER_TOPIC, held_rng)
+        questions = _held_out_questions(written, built, HELD_OUT_PER_TOPIC, held_rng)
         held_out += [Example(q, topic.name, topic.answer, topic.expected) for q in questions]
     reserved |= {_norm(e.question) for e in held_out}
     train: list[Example] = []
