@@ -1,78 +1,136 @@
 """The Linux fast path: an optimized BLAS for MLX's CPU backend.
 
-MLX's Linux CPU wheel links the reference (netlib) BLAS, about 6 GFLOP/s for a
-float32 matmul. A BLAS library loaded with ``RTLD_GLOBAL`` *before* `mlx.core`
-is first imported provides ``cblas_sgemm`` to MLX instead: Intel MKL from PyPI
-(``pip install 'rg-mlx[mkl]'``) or the system OpenBLAS (Debian/Ubuntu:
-``apt install libopenblas0-pthread``). `rg_mlx/__init__.py` imports this module
-first, so ``import rg_mlx`` applies it. Loading it after `mlx.core` has no
-effect.
+MLX's Linux CPU wheel links the reference (netlib) BLAS, about 6 GFLOP/s for a float32 matmul.
+MLX calls ``cblas_sgemm`` by name, so a library that provides it, loaded with ``RTLD_GLOBAL``
+*before* `mlx.core` is first imported, takes over. `rg_mlx/__init__.py` imports this module
+first, so ``import rg_mlx`` applies it; loading it after `mlx.core` has no effect.
 
-The environment variable ``RG_MLX_BLAS`` chooses: ``auto`` (default: MKL, else
-OpenBLAS, else the reference BLAS), ``mkl``, ``openblas``, or ``off``.
-`active()` says which BLAS MLX uses in this process.
+Two kinds of library:
+- OpenBLAS: the copy NumPy's wheels carry (symbols renamed ``scipy_*64_``, 64-bit integers) or
+  the system one (Debian/Ubuntu: ``apt install libopenblas0-pthread``). It goes through rg_mlx's
+  router (``_blas_route.c``, built at install): MLX calls the router's ``cblas_sgemm``, which
+  sends one-row products (decode) to OpenBLAS's ``sgemv`` and the rest to its ``sgemm``.
+  Without the router only the system OpenBLAS can be used, and its one-row products are slow.
+- Intel MKL from PyPI (``pip install 'rg-mlx[mkl]'``), loaded as it is.
+
+``RG_MLX_BLAS`` chooses: ``auto`` (default: MKL first on Intel CPUs, OpenBLAS first elsewhere
+-- MKL runs a slower code path on other CPUs -- then the other, else the reference BLAS),
+``mkl``, ``openblas``, or ``off``. `active()` says which BLAS MLX uses in this process and
+`threaded_row_products()` whether that BLAS runs one-row products on several threads itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.util
 import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 
 ENV_VAR = "RG_MLX_BLAS"
 CHOICES = ("auto", "mkl", "openblas", "off")
-INSTALL_HINT = "pip install 'rg-mlx[mkl]' or apt install libopenblas0-pthread"
+INSTALL_HINT = "pip install numpy (its wheel carries OpenBLAS), apt install libopenblas0-pthread, or pip install 'rg-mlx[mkl]'"
 
-# What `load` found: a one-line description, see `active()`.
+# What `load` found: a one-line description, see `active()`; and whether one-row products go to a threaded sgemv.
 _status = "not loaded"
+_threaded_rows = False
 
 
-def _mkl_paths() -> list[str]:
+@dataclass(frozen=True)
+class Library:
+    """An optimized BLAS on disk, and how its symbols are named."""
+
+    kind: str  # "mkl" or "openblas"
+    path: str
+    where: str  # for `active()`: "NumPy's copy", "system", ...
+    prefix: str = ""
+    suffix: str = ""  # "64_": 64-bit integers (ILP64)
+
+    def function(self, handle: ctypes.CDLL, name: str):
+        return getattr(handle, self.prefix + name + self.suffix)
+
+
+def _mkl() -> list[Library]:
     """`libmkl_rt.so.N` as installed by the `mkl` wheel (newest first)."""
     prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix])
     found = []
     for prefix in prefixes:
         found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so.*")), reverse=True)
-    return found
+    return [Library("mkl", path, "PyPI") for path in found]
 
 
-def _openblas_paths() -> list[str]:
-    """The system OpenBLAS (found by the dynamic linker's search path)."""
-    return ["libopenblas.so.0"]
+def _openblas(routed: bool) -> list[Library]:
+    """NumPy's OpenBLAS (needs the router: its symbols are renamed), then the system one."""
+    found = []
+    spec = importlib.util.find_spec("numpy")
+    if routed and spec and spec.origin:
+        libs = os.path.join(os.path.dirname(os.path.dirname(spec.origin)), "numpy.libs")
+        found += [Library("openblas", path, "NumPy's copy", "scipy_", "64_")
+                  for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas64_*.so")))]
+    return found + [Library("openblas", "libopenblas.so.0", "system")]
 
 
-def _describe() -> str | None:
-    """Name and version of an optimized BLAS present in the process's global symbol scope, if any."""
-    scope = ctypes.CDLL(None)
-    if hasattr(scope, "mkl_get_version_string"):
+def _router() -> str | None:
+    """The router's shared library (built from _blas_route.c at install), if it was built."""
+    spec = importlib.util.find_spec(f"{__package__}._blas_route") if __package__ else None
+    return spec.origin if spec and spec.origin else None
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def _describe(handle: ctypes.CDLL, lib: Library | None = None) -> str | None:
+    """Name and version of the BLAS behind `handle` (the global scope by default), if it is MKL or OpenBLAS."""
+    lib = lib or Library("", "", "")
+    try:
+        version_string = lib.function(handle, "mkl_get_version_string")
+    except AttributeError:
+        pass
+    else:
         buf = ctypes.create_string_buffer(256)
-        scope.mkl_get_version_string(buf, len(buf))
+        version_string(buf, len(buf))
         version = re.search(r"Version ([0-9.]+)", buf.value.decode(errors="replace"))
         return "mkl " + (version.group(1).rstrip(".") if version else "")
-    if hasattr(scope, "openblas_get_config"):
-        scope.openblas_get_config.restype = ctypes.c_char_p
-        scope.openblas_get_corename.restype = ctypes.c_char_p
-        version = re.search(r"OpenBLAS ([0-9.]+)", scope.openblas_get_config().decode(errors="replace"))
-        core = scope.openblas_get_corename().decode(errors="replace")
-        return f"openblas {version.group(1) if version else ''} ({core})"
-    return None
+    try:
+        config, corename = lib.function(handle, "openblas_get_config"), lib.function(handle, "openblas_get_corename")
+    except AttributeError:
+        return None
+    config.restype = corename.restype = ctypes.c_char_p
+    version = re.search(r"OpenBLAS ([0-9.]+)", config().decode(errors="replace"))
+    return f"openblas {version.group(1) if version else ''} ({corename().decode(errors='replace')})"
 
 
-def _try_load(paths: list[str]) -> bool:
-    for path in paths:
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return True
-        except OSError:
-            continue
-    return False
+def _use(lib: Library, router: str | None) -> str | None:
+    """Make `lib` the BLAS MLX calls; its description, or None where it cannot be loaded."""
+    global _threaded_rows
+    routed = lib.kind == "openblas" and router is not None
+    try:
+        handle = ctypes.CDLL(lib.path, mode=ctypes.RTLD_LOCAL if routed else ctypes.RTLD_GLOBAL)
+        if routed:
+            sgemm, sgemv = lib.function(handle, "cblas_sgemm"), lib.function(handle, "cblas_sgemv")
+            route = ctypes.CDLL(router, mode=ctypes.RTLD_GLOBAL).rg_blas_route
+            route.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            route(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemv, ctypes.c_void_p), int(lib.suffix == "64_"))
+    except (OSError, AttributeError):
+        return None
+    _threaded_rows = routed
+    description = _describe(handle, lib) or lib.kind
+    if lib.kind == "mkl":
+        return description
+    return f"{description}, {lib.where}" + ("" if routed else "; one-row products unrouted (slow): reinstall "
+                                             "rg-mlx where a C compiler is available")
 
 
 def load(choice: str | None = None) -> str:
-    """Load an optimized BLAS for MLX (Linux only; a no-op elsewhere or once `mlx.core` is imported).
+    """Load an optimized BLAS for MLX (Linux only; a no-op elsewhere, once loaded, or once `mlx.core` is imported).
 
     Args:
         choice: ``auto`` | ``mkl`` | ``openblas`` | ``off``; default from ``RG_MLX_BLAS`` (else ``auto``).
@@ -81,6 +139,8 @@ def load(choice: str | None = None) -> str:
         The description also returned by `active()`.
     """
     global _status
+    if _status != "not loaded":
+        return _status
     choice = (choice or os.environ.get(ENV_VAR) or "auto").strip().lower()
     if choice not in CHOICES:
         warnings.warn(f"{ENV_VAR}={choice!r} is not one of {', '.join(CHOICES)}; using auto", stacklevel=2)
@@ -88,22 +148,27 @@ def load(choice: str | None = None) -> str:
     if not sys.platform.startswith("linux"):
         _status = "platform default (Accelerate)" if sys.platform == "darwin" else "platform default"
         return _status
-    preloaded = _describe()  # e.g. LD_PRELOAD, or a second call
-    if preloaded or "mlx.core" in sys.modules:
-        if preloaded:
-            _status = preloaded
-        else:
-            _status = f"reference (mlx.core was imported before rg_mlx; import rg_mlx first for the {ENV_VAR} fast path)"
+    preloaded = _describe(ctypes.CDLL(None))  # e.g. LD_PRELOAD
+    if preloaded:
+        _status = f"{preloaded}, preloaded"
+        return _status
+    if "mlx.core" in sys.modules:
+        _status = f"reference (mlx.core was imported before rg_mlx; import rg_mlx first for the {ENV_VAR} fast path)"
         return _status
     if choice == "off":
         _status = f"reference ({ENV_VAR}=off)"
         return _status
-    order = {"auto": ("mkl", "openblas"), "mkl": ("mkl",), "openblas": ("openblas",)}[choice]
-    finders = {"mkl": _mkl_paths, "openblas": _openblas_paths}
-    for name in order:
-        if _try_load(finders[name]()):
-            _status = _describe() or name
-            return _status
+    router = _router()
+    # MKL takes a slower code path on CPUs not made by Intel, and an unrouted OpenBLAS decodes slowly.
+    mkl_first = _cpu_vendor() == "GenuineIntel" or router is None
+    order = {"auto": ("mkl", "openblas") if mkl_first else ("openblas", "mkl"), "mkl": ("mkl",),
+             "openblas": ("openblas",)}[choice]
+    for kind in order:
+        for lib in _mkl() if kind == "mkl" else _openblas(router is not None):
+            description = _use(lib, router)
+            if description:
+                _status = description
+                return _status
     _status = f"reference (no optimized BLAS found: {INSTALL_HINT})"
     if choice != "auto":
         warnings.warn(f"{ENV_VAR}={choice}: {choice} is not installed; MLX uses the reference BLAS", stacklevel=2)
@@ -111,8 +176,13 @@ def load(choice: str | None = None) -> str:
 
 
 def active() -> str:
-    """Which BLAS MLX's CPU backend uses in this process, e.g. ``"mkl (Intel(R) oneAPI Math Kernel Library ...)"``."""
+    """Which BLAS MLX's CPU backend uses in this process, e.g. ``"openblas 0.3.30 (Haswell), NumPy's copy"``."""
     return _status
+
+
+def threaded_row_products() -> bool:
+    """Whether the active BLAS runs one-row products (decode) on several threads by itself."""
+    return _threaded_rows
 
 
 load()

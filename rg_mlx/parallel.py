@@ -5,7 +5,9 @@ single core, which reaches about two thirds of the machine's read bandwidth (MKL
 AMD EPYC: 13 GB/s). MLX runs every stream on its own thread, so splitting the weight's output
 rows over one CPU stream per core reads it in parallel: the 2.6 GB logits product of the
 bench model goes from 194 ms to 123 ms there. Products with many rows (prefill) are left to
-the BLAS's own threads, which do better for them (splitting a 512-row product costs 10%).
+the BLAS's own threads, which do better for them (splitting a 512-row product costs 10%), and
+so are one-row products where the BLAS threads them itself (OpenBLAS behind rg_mlx's router, see
+`rg_mlx._blas`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import _blas
 
 # Split only products of at most this many rows by weights of at least this many bytes.
 MAX_ROWS = 8
@@ -32,6 +36,7 @@ def _split(x: mx.array, weight: mx.array) -> bool:
         x.size <= MAX_ROWS * x.shape[-1]
         and weight.nbytes >= MIN_BYTES
         and mx.default_device().type == mx.DeviceType.cpu
+        and not _blas.threaded_row_products()
         and len(_streams()) > 1
     )
 

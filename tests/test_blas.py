@@ -11,19 +11,30 @@ import sys
 
 import pytest
 
+from rg_mlx import _blas
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fast path is Linux-only")
 
-# A matmul checked against NumPy, the active BLAS, and the library the dynamic linker bound
-# MLX's cblas_sgemm to (from LD_DEBUG=bindings on stderr).
+# Matrix products checked against float64 NumPy -- one row (the router sends those to sgemv, for
+# every layout MLX passes) and many rows -- with the active BLAS and the library the dynamic
+# linker bound MLX's cblas_sgemm to (from LD_DEBUG=bindings on stderr).
 PROBE = """
 import json, numpy as np
 import rg_mlx
 import mlx.core as mx
 rng = np.random.default_rng(0)
-a, b = rng.standard_normal((67, 130), np.float32), rng.standard_normal((130, 45), np.float32)
-err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
-print(json.dumps({"active": rg_mlx._blas.active(), "err": err}))
+err = 0.0
+for m in (1, 67):
+    a, b = rng.standard_normal((m, 130), np.float32), rng.standard_normal((130, 45), np.float32)
+    c = rng.standard_normal((45,), np.float32)
+    expected = a.astype(np.float64) @ b
+    got = [mx.array(a) @ mx.array(b), mx.array(a) @ mx.array(b.T.copy()).T, mx.array(a.T.copy()).T @ mx.array(b),
+           mx.addmm(mx.array(c), mx.array(a), mx.array(b)) - mx.array(c), (mx.array(a[None]) @ mx.array(b))[0]]
+    err = max([err] + [float(np.abs(np.array(g) - expected).max()) for g in got])
+print(json.dumps({"active": rg_mlx._blas.active(), "threaded_rows": rg_mlx._blas.threaded_row_products(), "err": err}))
 """
+# Makes the router look absent (as after an install without a C compiler).
+NO_ROUTER = "import sys; sys.modules['rg_mlx._blas_route'] = None\n"
 
 
 def run_probe(env_value: str | None, code: str = PROBE, debug_bindings: bool = True) -> tuple[dict, str]:
@@ -50,12 +61,21 @@ def have_mkl() -> bool:
     return any(glob.glob(os.path.join(p, "lib", "libmkl_rt.so.*")) for p in prefixes)
 
 
-def have_openblas() -> bool:
+def have_router() -> bool:
+    return _blas._router() is not None
+
+
+def have_system_openblas() -> bool:
     try:
         ctypes.CDLL("libopenblas.so.0")
         return True
     except OSError:
         return False
+
+
+def have_openblas() -> bool:
+    """An OpenBLAS the fast path can use: NumPy's copy (with the router) or the system one."""
+    return have_system_openblas() or (have_router() and any(lib.prefix for lib in _blas._openblas(routed=True)))
 
 
 def test_off_uses_mlx_reference_blas():
@@ -71,14 +91,26 @@ def test_mkl_is_what_mlx_calls():
     result, debug = run_probe("mkl")
     assert result["active"].startswith("mkl ")
     assert "libmkl_rt" in sgemm_provider(debug)
+    assert not result["threaded_rows"]  # so decode splits its one-row products over CPU streams
     assert result["err"] < 1e-3
 
 
-@pytest.mark.skipif(not have_openblas(), reason="system OpenBLAS not installed (apt install libopenblas0-pthread)")
-def test_openblas_is_what_mlx_calls():
+@pytest.mark.skipif(not (have_router() and have_openblas()), reason="needs the router and an OpenBLAS")
+def test_openblas_goes_through_the_router():
     result, debug = run_probe("openblas")
-    assert result["active"].startswith("openblas ")
+    assert result["active"].startswith("openblas ") and "unrouted" not in result["active"]
+    assert "_blas_route" in sgemm_provider(debug)
+    assert result["threaded_rows"]
+    assert result["err"] < 1e-3
+
+
+@pytest.mark.skipif(not have_system_openblas(), reason="system OpenBLAS not installed (apt install libopenblas0-pthread)")
+def test_without_the_router_the_system_openblas_is_called_directly():
+    result, debug = run_probe("openblas", NO_ROUTER + PROBE)
+    assert result["active"].startswith("openblas ") and result["active"].endswith(
+        "system; one-row products unrouted (slow): reinstall rg-mlx where a C compiler is available")
     assert "libopenblas" in sgemm_provider(debug)
+    assert not result["threaded_rows"]
     assert result["err"] < 1e-3
 
 
@@ -96,7 +128,7 @@ def test_forced_but_missing_falls_back_with_a_warning():
     caught, result = proc.stdout.strip().splitlines()[-2:]
     assert "RG_MLX_BLAS=mkl: mkl is not installed; MLX uses the reference BLAS" in caught
     result = json.loads(result)
-    assert result["active"].startswith("reference (no optimized BLAS found: pip install 'rg-mlx[mkl]'")
+    assert result["active"] == f"reference (no optimized BLAS found: {_blas.INSTALL_HINT})"
     assert result["err"] < 1e-3
 
 
@@ -116,7 +148,11 @@ def test_mlx_imported_first_is_reported():
 
 
 def expected_auto() -> str:
-    return "mkl " if have_mkl() else "openblas " if have_openblas() else "reference (no optimized BLAS found"
+    """What `auto` picks here: MKL first on Intel CPUs or without the router, else OpenBLAS first."""
+    mkl_first = _blas._cpu_vendor() == "GenuineIntel" or not have_router()
+    order = ["mkl ", "openblas "] if mkl_first else ["openblas ", "mkl "]
+    present = {"mkl ": have_mkl(), "openblas ": have_openblas()}
+    return next((kind for kind in order if present[kind]), "reference (no optimized BLAS found")
 
 
 def test_version_names_the_active_blas():

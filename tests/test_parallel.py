@@ -15,6 +15,7 @@ def calls(monkeypatch):
     streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
     count = []
     monkeypatch.setattr(parallel, "MIN_BYTES", 0)
+    monkeypatch.setattr(parallel._blas, "threaded_row_products", lambda: False)
     monkeypatch.setattr(parallel, "_streams", lambda: count.append(1) or streams)
     return count
 
@@ -39,6 +40,13 @@ def test_many_rows_and_small_weights_are_not_split(monkeypatch, calls):
     assert not calls
     monkeypatch.setattr(parallel, "MIN_BYTES", w.nbytes + 1)
     parallel.linear(x[:, :1], w)
+    assert not calls
+
+
+def test_not_split_where_the_blas_threads_one_row_products_itself(monkeypatch, calls):
+    monkeypatch.setattr(parallel._blas, "threaded_row_products", lambda: True)
+    x, w = mx.ones((1, 1, 16)), mx.ones((32, 16))
+    assert np.array_equal(np.array(parallel.linear(x, w)), np.array(x @ w.T))
     assert not calls
 
 
