@@ -14,6 +14,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from rg_mlx.fast_math import rg_lru_gates
+from rg_mlx.parallel import elementwise
+
 # Below this length a plain per-step loop is cheapest.
 _SEQUENTIAL_MAX_T = 16
 
@@ -29,17 +32,16 @@ def gate_math(
 
     `a = exp(-8 * sigmoid(gate_a) * softplus(a_param))`, `b = sqrt(1 - a^2) * sigmoid(gate_x) * x`;
     at a document start the multiplier is 1 and `a` is 0 (the state restarts from zero).
+    One fused pass (`rg_mlx.fast_math.rg_lru_gates`) over inputs brought to one contiguous shape,
+    split over CPU streams for a long prompt (`rg_mlx.parallel.elementwise`).
     """
-    f32 = mx.float32
-    log_a = -8.0 * mx.sigmoid(gate_a.astype(f32)) * nn.softplus(a_param.astype(f32))
-    a = mx.exp(log_a)
-    multiplier = mx.sqrt(-mx.expm1(2.0 * log_a))  # 1 - exp(2 log_a) would cancel for a near 1
-    b = x.astype(f32) * mx.sigmoid(gate_x.astype(f32))
-    if reset is not None:
-        r = reset[..., None]
-        multiplier = mx.where(r, 1.0, multiplier)
-        a = mx.where(r, 0.0, a)
-    return a, b * multiplier
+    log_a_max = -8.0 * nn.softplus(a_param.astype(mx.float32))
+    if reset is None:
+        reset = mx.zeros(x.shape[:-1], mx.bool_)
+    full = (*x.shape[:-1], x.shape[-1])
+    log_a_max = mx.contiguous(mx.broadcast_to(log_a_max, full))
+    reset = mx.contiguous(mx.broadcast_to(reset[..., None], full))
+    return elementwise(rg_lru_gates, x, gate_x, gate_a, log_a_max, reset)
 
 
 def _sequential_scan(a: mx.array, b: mx.array, h: mx.array) -> tuple[mx.array, mx.array]:

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .config import ModelArgs
 from .fast_math import gelu_mul, soft_cap
 from .kernels import rg_lru
-from .parallel import Linear, linear
+from .parallel import Linear, elementwise, linear
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
@@ -59,7 +59,7 @@ class MLPBlock(nn.Module):
         self.down_proj = Linear(hidden, width)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(gelu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(elementwise(gelu_mul, self.gate_proj(x), self.up_proj(x)))
 
 
 class Conv1D(nn.Module):
@@ -132,7 +132,7 @@ class RecurrentBlock(nn.Module):
         x, h = self.rg_lru(x, positions, h)
         if cache is not None:
             cache[0], cache[1] = conv_state, h
-        return self.linear_out(gelu_mul(y, x))
+        return self.linear_out(elementwise(gelu_mul, y, x))
 
 
 def apply_rope(x: mx.array, positions: mx.array, dims: int, base: float) -> mx.array:

@@ -51,3 +51,40 @@ def test_new_shapes_and_non_contiguous_inputs():
     a = mx.random.normal((4, 6), key=mx.random.key(2))
     for x in (a, a.T, a[:, ::2], a[None, 1:3]):
         assert max_abs(fast_math.gelu(x), nn.gelu_approx(x)) < 2e-6
+
+
+def test_exp_and_sigmoid_have_relative_accuracy_over_float32():
+    x = np.concatenate([np.linspace(-87, 88, 70001), [0.0, 1e-30, -1e-7, 5e-4, -0.3466, 0.3466]]).astype(np.float32)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(np.array(fast_math.exp(mx.array(x))) - ref) / ref) < 2e-7
+    s = np.linspace(-80, 80, 64001).astype(np.float32)
+    ref = 1 / (1 + np.exp(-s.astype(np.float64)))
+    # both tails relative: sigmoid(-16) = 1e-7 is not rounded to 0 or 1e-7 +- 3e-8
+    assert np.max(np.abs(np.array(fast_math.sigmoid(mx.array(s))) - ref) / ref) < 5e-7
+    assert fast_math.exp(mx.array([-200.0, 0.0])).tolist()[1] == 1.0
+
+
+def test_rg_lru_gates_match_float64_formula():
+    from rg_mlx.kernels.reference import naive_gates
+
+    rng = np.random.default_rng(3)
+    x, gate_x, gate_a = (rng.normal(scale=6, size=(1, 300, 64)).astype(np.float32) for _ in range(3))
+    a_param = np.concatenate([rng.normal(scale=3, size=60), [-12.0, -9.0, 4.0, 9.0]]).astype(np.float32)
+    reset = rng.random((1, 300)) < 0.05
+    log_a_max = np.broadcast_to(-8.0 * np.logaddexp(0.0, a_param), x.shape).astype(np.float32)
+    a, b = fast_math.rg_lru_gates(*(mx.array(v) for v in (x, gate_x, gate_a, log_a_max)),
+                                  mx.array(np.broadcast_to(reset[..., None], x.shape)))
+    a_ref, b_ref = naive_gates(x, gate_x, gate_a, a_param, reset)
+    assert a.dtype == b.dtype == mx.float32
+    # a: relative to float32's own rounding of log_a (|log_a| up to 72 here); b: relative, even for a near 1
+    log_a = np.log(np.maximum(a_ref, 1e-300))
+    assert np.all(np.abs(np.array(a) - a_ref) <= a_ref * (3e-7 + 2e-7 * np.abs(log_a)) + 1e-37)
+    assert np.max(np.abs(np.array(b) - b_ref) / (np.abs(b_ref) + 1e-30)) < 1e-6
+
+
+def test_exp_and_sigmoid_gradients():
+    x = mx.linspace(-20, 20, 401)
+    np.testing.assert_allclose(np.array(mx.grad(lambda v: fast_math.exp(v).sum())(x)), np.exp(np.array(x)), rtol=1e-6)
+    s = 1 / (1 + np.exp(-np.array(x, np.float64)))
+    np.testing.assert_allclose(np.array(mx.grad(lambda v: fast_math.sigmoid(v).sum())(x)), s * (1 - s), rtol=2e-6,
+                               atol=1e-12)

@@ -58,3 +58,47 @@ def test_linear_layer_keeps_nn_linear_parameters_and_quantizes():
     x = mx.ones((1, 1, 64))
     assert np.allclose(np.array(layer(x)), np.array(x @ layer.weight.T + layer.bias), atol=1e-6)
     assert isinstance(layer.to_quantized(group_size=32, bits=8), nn.QuantizedLinear)
+
+
+def test_elementwise_split_over_positions_equals_one_pass(monkeypatch):
+    streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    seen = []
+    monkeypatch.setattr(parallel, "_streams", lambda: streams)
+
+    def fn(x, y):
+        seen.append(x.shape)
+        return x * y + 1, x - y
+
+    x, y = mx.random.normal((1, 131, 5)), mx.random.normal((1, 131, 5))
+    got = parallel.elementwise(fn, x, y)
+    assert seen == [(1, 66, 5), (1, 65, 5)]
+    for g, e in zip(got, (x * y + 1, x - y)):
+        assert np.array_equal(np.array(g), np.array(e))
+    seen.clear()
+    assert np.array_equal(np.array(parallel.elementwise(lambda x: x + 1, x)), np.array(x + 1))
+    # short prompts, decode steps and batches run in one pass
+    for shape in [(1, parallel.MIN_ELEMENTWISE_ROWS - 1, 5), (1, 1, 5), (2, 131, 5)]:
+        parallel.elementwise(fn, mx.ones(shape), mx.ones(shape))
+        assert seen.pop() == shape and not seen
+
+
+def test_split_work_runs_in_any_thread(monkeypatch):
+    # MLX streams belong to the thread that made them: a second thread (the app's workers) gets its own.
+    import threading
+
+    monkeypatch.setattr(parallel, "MIN_BYTES", 0)
+    monkeypatch.setattr(parallel._blas, "threaded_row_products", lambda: False)
+    x, w = mx.random.normal((1, 80, 8)), mx.random.normal((16, 8))
+    expected = [np.array(mx.exp(x)), np.array(x[:, :1] @ w.T)]
+    parallel.linear(x[:, :1], w)  # streams made in this thread first
+    results = []
+
+    def work():
+        results.append([np.array(parallel.elementwise(mx.exp, x)), np.array(parallel.linear(x[:, :1], w))])
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert len(results) == 1
+    np.testing.assert_allclose(results[0][0], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(results[0][1], expected[1], rtol=1e-5, atol=1e-6)
