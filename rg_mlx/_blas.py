@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 ENV_VAR = "RG_MLX_BLAS"
 CHOICES = ("auto", "mkl", "openblas", "off")
-INSTALL_HINT = "pip install numpy (its wheel carries OpenBLAS), apt install libopenblas0-pthread, or pip install 'rg-mlx[mkl]'"
+INSTALL_HINT = (
+    "pip install numpy (its wheel carries OpenBLAS), apt install libopenblas0-pthread, or pip install 'rg-mlx[mkl]'"
+)
 
 # What `load` found: a one-line description, see `active()`; and whether one-row products go to a threaded sgemv.
 _status = "not loaded"
@@ -88,7 +90,7 @@ def _cpu_vendor() -> str:
 
 
 def _describe(handle: ctypes.CDLL, lib: Library | None = None) -> str | None:
-    """Name and version of the BLAS behind `handle` (the global scope by default), if it is MKL or OpenBLAS."""
+    """Name and version of the MKL or OpenBLAS behind `handle` (`ctypes.CDLL(None)`: the global scope), if any."""
     lib = lib or Library("", "", "")
     try:
         version_string = lib.function(handle, "mkl_get_version_string")
