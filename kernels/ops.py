@@ -38,9 +38,8 @@ def gate_math(
     log_a_max = -8.0 * nn.softplus(a_param.astype(mx.float32))
     if reset is None:
         reset = mx.zeros(x.shape[:-1], mx.bool_)
-    full = (*x.shape[:-1], x.shape[-1])
-    log_a_max = mx.contiguous(mx.broadcast_to(log_a_max, full))
-    reset = mx.contiguous(mx.broadcast_to(reset[..., None], full))
+    log_a_max = mx.contiguous(mx.broadcast_to(log_a_max, x.shape))
+    reset = mx.contiguous(mx.broadcast_to(reset[..., None], x.shape))
     return elementwise(rg_lru_gates, x, gate_x, gate_a, log_a_max, reset)
 
 

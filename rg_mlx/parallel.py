@@ -77,10 +77,16 @@ class Linear(nn.Linear):
 def elementwise(fn: Callable[..., Any], *arrays: mx.array) -> Any:
     """`fn(*arrays)` for an elementwise `fn` of same-shape `[B, T, ...]` arrays returning an array or a
     tuple of them, with the positions (axis 1) of a long prompt split over CPU streams."""
-    B, T = arrays[0].shape[:2]
-    streams = _streams()
-    if B != 1 or T < MIN_ELEMENTWISE_ROWS or mx.default_device().type != mx.DeviceType.cpu or len(streams) < 2:
+    shape = arrays[0].shape
+    if (
+        len(shape) < 3
+        or shape[0] != 1
+        or shape[1] < MIN_ELEMENTWISE_ROWS
+        or mx.default_device().type != mx.DeviceType.cpu
+        or len(_streams()) < 2
+    ):
         return fn(*arrays)
+    T, streams = shape[1], _streams()
     step = -(-T // len(streams))
     parts = []
     for stream, lo in zip(streams, range(0, T, step)):

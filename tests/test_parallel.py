@@ -76,8 +76,8 @@ def test_elementwise_split_over_positions_equals_one_pass(monkeypatch):
         assert np.array_equal(np.array(g), np.array(e))
     seen.clear()
     assert np.array_equal(np.array(parallel.elementwise(lambda x: x + 1, x)), np.array(x + 1))
-    # short prompts, decode steps and batches run in one pass
-    for shape in [(1, parallel.MIN_ELEMENTWISE_ROWS - 1, 5), (1, 1, 5), (2, 131, 5)]:
+    # short prompts, decode steps, batches and arrays without a positions axis run in one pass
+    for shape in [(1, parallel.MIN_ELEMENTWISE_ROWS - 1, 5), (1, 1, 5), (2, 131, 5), (1, 131)]:
         parallel.elementwise(fn, mx.ones(shape), mx.ones(shape))
         assert seen.pop() == shape and not seen
 
