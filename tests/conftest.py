@@ -34,30 +34,14 @@ def train_tiny_tokenizer(folder: Path, vocab_size: int = 400) -> Path:
     """A real SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and byte fallback."""
     import sentencepiece as spm
 
+    from rg_mlx.demo.train import GEMMA_LAYOUT
+
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(TOKENIZER_TEXT * 20))
     spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        character_coverage=0.98,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
-        minloglevel=2,
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, character_coverage=0.98,
+        **GEMMA_LAYOUT,
     )
     corpus.unlink()
     (folder / "tokenizer.vocab").unlink()

@@ -46,6 +46,26 @@ CONFIG = dict(
     logits_soft_cap=30.0,
 )
 VOCAB_SIZE = 2048
+# SentencePiece trainer options for Gemma's tokenizer layout: special ids and pieces (pad 0, eos 1,
+# bos 2, unk 3, the turn markers), byte fallback, text kept as written, digits split.
+GEMMA_LAYOUT = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    split_digits=True,
+    minloglevel=2,
+)
 EPOCHS = 4
 TOKENS_PER_BATCH = 2048
 LEARNING_RATE = 3e-3
@@ -70,24 +90,9 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB_SIZE
         sentence_iterator=iter(texts + ["user", "model"]),
         model_prefix=str(folder / "tokenizer"),
         vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
         character_coverage=1.0,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
         num_threads=1,  # deterministic
-        minloglevel=2,
+        **GEMMA_LAYOUT,
     )
     (folder / "tokenizer.vocab").unlink()
     return Tokenizer(folder / "tokenizer.model")
