@@ -9,6 +9,7 @@ import sentencepiece as spm
 
 from conftest import TOKENIZER_TEXT
 from rg_mlx import RGError, Tokenizer
+from rg_mlx.demo.train import GEMMA_LAYOUT
 
 TRICKY = [
     "Hello world!",
@@ -38,9 +39,8 @@ def tok(tiny_tokenizer_path) -> Tokenizer:
 def train(folder, **options) -> Tokenizer:
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(TOKENIZER_TEXT * 20))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), byte_fallback=True, minloglevel=2, **options
-    )
+    options = {"byte_fallback": True, "minloglevel": 2, **options}
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), **options)
     return Tokenizer(folder / "tokenizer.model")
 
 
@@ -51,21 +51,9 @@ def test_special_ids_come_from_the_file(tok, tmp_path):
     assert tok.stop_ids == {tok.eos_id, tok.end_of_turn_id}
     assert tok.vocab_size == 400
     # Another layout: the ids move with the file.
-    other = train(
-        tmp_path,
-        vocab_size=380,
-        model_type="bpe",
-        character_coverage=0.98,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<mask>", "<end_of_turn>", "<start_of_turn>"],
-    )
+    layout = {**GEMMA_LAYOUT, "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3,
+              "user_defined_symbols": ["<mask>", "<end_of_turn>", "<start_of_turn>"]}
+    other = train(tmp_path, vocab_size=380, character_coverage=0.98, **layout)
     assert (other.pad_id, other.eos_id, other.bos_id) == (3, 2, 1)
     assert (other.start_of_turn_id, other.end_of_turn_id) == (6, 5)
     assert other.stop_ids == {2, 5}
