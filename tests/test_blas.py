@@ -15,8 +15,8 @@ from rg_mlx import _blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fast path is Linux-only")
 
-# Matrix products checked against float64 NumPy -- one row (the router sends those to sgemv, for
-# every layout MLX passes) and many rows -- with the active BLAS and the library the dynamic
+# Matrix products checked against float64 NumPy -- one and three rows (the router sends those to sgemv,
+# row by row, for every layout MLX passes) and many rows -- with the active BLAS and the library the dynamic
 # linker bound MLX's cblas_sgemm to (from LD_DEBUG=bindings on stderr).
 PROBE = """
 import json, numpy as np
@@ -24,7 +24,7 @@ import rg_mlx
 import mlx.core as mx
 rng = np.random.default_rng(0)
 err = 0.0
-for m in (1, 67):
+for m in (1, 3, 67):
     a, b = rng.standard_normal((m, 130), np.float32), rng.standard_normal((130, 45), np.float32)
     c = rng.standard_normal((45,), np.float32)
     expected = a.astype(np.float64) @ b
@@ -104,7 +104,7 @@ def test_openblas_goes_through_the_router():
     assert result["err"] < 1e-3
 
 
-@pytest.mark.skipif(not have_system_openblas(), reason="system OpenBLAS not installed (apt install libopenblas0-pthread)")
+@pytest.mark.skipif(not have_system_openblas(), reason="no system OpenBLAS (apt install libopenblas0-pthread)")
 def test_without_the_router_the_system_openblas_is_called_directly():
     result, debug = run_probe("openblas", NO_ROUTER + PROBE)
     assert result["active"].startswith("openblas ") and result["active"].endswith(
