@@ -9,7 +9,8 @@ Two kinds of library:
 - OpenBLAS: the copy NumPy's wheels carry (symbols renamed ``scipy_*64_``, 64-bit integers) or
   the system one (Debian/Ubuntu: ``apt install libopenblas0-pthread``). It goes through rg_mlx's
   router (``_blas_route.c``, built at install): MLX calls the router's ``cblas_sgemm``, which
-  sends one-row products (decode) to OpenBLAS's ``sgemv`` and the rest to its ``sgemm``.
+  sends products of one to three rows (decode) to OpenBLAS's ``sgemv``, row by row, and the
+  rest to its ``sgemm``.
   Without the router only the system OpenBLAS can be used, and its one-row products are slow.
 - Intel MKL from PyPI (``pip install 'rg-mlx[mkl]'``), loaded as it is.
 
