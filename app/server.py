@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -199,7 +201,8 @@ class ChatApp:
         self.sessions: dict[str, Slot] = {}
         self.reset_notice: set[str] = set()  # sessions whose chat a model switch reset
         self.lock = threading.Lock()
-        self.exports = tempfile.mkdtemp(prefix="rg-mlx-app-")
+        self.exports = tempfile.mkdtemp(prefix="rg-mlx-app-")  # transcripts offered for download
+        self._remove_exports = weakref.finalize(self, shutil.rmtree, self.exports, ignore_errors=True)
         if model is None and demo_available():
             model = DEMO
         if model is not None:
@@ -618,7 +621,8 @@ class ChatApp:
         return demo
 
     def close(self) -> None:
-        """Stop the worker and free every chat."""
+        """Stop the worker, free every chat and remove the transcripts written for download."""
         self.worker.close()
         with self.lock:
             self.sessions.clear()
+        self._remove_exports()

@@ -297,6 +297,7 @@ def test_without_a_model_the_app_explains_what_to_do(monkeypatch):
             app._slot(type("Request", (), {"session_hash": "x"})())
     finally:
         app.close()
+    assert not Path(app.exports).exists()  # the download folder goes with the app
     args = build_parser().parse_args(["app"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, None)
 
