@@ -4,8 +4,9 @@ On x86, MLX's CPU backend evaluates `tanh`, `exp` and `sigmoid` one element at a
 the C library (25-70 ns an element): in a prefill, GELU alone costs about as much as the MLP's
 matmuls, and the RG-LRU's gates more than its scan. These versions use a rational
 approximation of tanh (Eigen's float32 one: absolute error < 5e-7) and Cephes' polynomial
-`expf` (relative error < 2e-7), which the compiled kernel evaluates in one fused, vectorised
-pass (2-7x faster here); on a GPU they cost about what the built-ins do. Inputs of any float
+`expf` (relative error < 2e-7), which the compiled kernel evaluates in one fused pass (2-7x
+faster here: 9-11 ms instead of 34-36 for `exp` or `sigmoid` of 1.3M floats); on a GPU they cost
+about what the built-ins do. Inputs of any float
 dtype are computed in float32 and returned in their dtype.
 
 Compiled per shape, not `shapeless`, and called on same-shape contiguous inputs only: on the
