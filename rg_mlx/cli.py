@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, _blas
 
-    parser = argparse.ArgumentParser(prog="rg-mlx", description="RecurrentGemma on MLX")
+    # Raw text: `--version` names the BLAS in one line, never wrapped to the terminal's width.
+    parser = argparse.ArgumentParser(
+        prog="rg-mlx", description="RecurrentGemma on MLX", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"rg-mlx {__version__} (BLAS: {_blas.active()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

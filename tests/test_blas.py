@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import rg_mlx
 from rg_mlx import _blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fast path is Linux-only")
@@ -112,6 +113,11 @@ def test_without_the_router_the_system_openblas_is_called_directly():
     assert "libopenblas" in sgemm_provider(debug)
     assert not result["threaded_rows"]
     assert result["err"] < 1e-3
+    # `--version` says so in one line, however narrow the terminal
+    code = NO_ROUTER + "from rg_mlx.cli import main; main(['--version'])"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, RG_MLX_BLAS="openblas", COLUMNS="40"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout == f"rg-mlx {rg_mlx.__version__} (BLAS: {result['active']})\n"
 
 
 def test_forced_but_missing_falls_back_with_a_warning():
@@ -156,8 +162,6 @@ def expected_auto() -> str:
 
 
 def test_version_names_the_active_blas():
-    import rg_mlx
-
     env = {k: v for k, v in os.environ.items() if k != "RG_MLX_BLAS"}
     proc = subprocess.run([sys.executable, "-m", "rg_mlx", "--version"], env=env, capture_output=True, text=True,
                           timeout=120)
