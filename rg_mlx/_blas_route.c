@@ -8,9 +8,8 @@
  *   sgemm packs the whole weight for a few rows and reads it at 3-6 GB/s, its sgemv reads it at
  *   15-26 GB/s (measured on a 2-core AMD EPYC: for a 79 MB weight, sgemm takes 16-18 ms for one to
  *   three rows, sgemv 4.3 ms a row; at four rows they are even);
- * - the OpenBLAS may be one whose symbols are renamed (scipy_cblas_sgemm from the scipy-openblas32
- *   wheel, scipy_cblas_sgemm64_ with 64-bit integers in the copy NumPy's wheels carry), which MLX
- *   could not find by name.
+ * - the OpenBLAS may be one whose symbols are renamed (scipy_cblas_sgemm64_, with 64-bit integers,
+ *   in the copy NumPy's wheels carry), which MLX could not find by name.
  */
 #include <stdint.h>
 

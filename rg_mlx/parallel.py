@@ -43,27 +43,40 @@ def _streams() -> tuple[mx.Stream, ...]:
     return _local.streams
 
 
+def _cpu_split() -> bool:
+    """Whether work can be split here: the default device is the CPU and there is more than one core."""
+    return mx.default_device().type == mx.DeviceType.cpu and len(_streams()) > 1
+
+
+def _on_streams(n: int, part: Callable[[slice], Any]) -> list[Any]:
+    """`part(s)` for `range(n)` cut into one contiguous slice `s` per CPU stream, each run on its stream."""
+    streams = _streams()
+    step = -(-n // len(streams))
+    results = []
+    for stream, lo in zip(streams, range(0, n, step)):
+        with mx.stream(stream):
+            results.append(part(slice(lo, lo + step)))
+    return results
+
+
 def _split(x: mx.array, weight: mx.array) -> bool:
     return (
         x.size <= MAX_ROWS * x.shape[-1]
         and weight.nbytes >= MIN_BYTES
-        and mx.default_device().type == mx.DeviceType.cpu
         and not _blas.threaded_row_products()
-        and len(_streams()) > 1
+        and _cpu_split()
     )
+
+
+def _product(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """`x @ weight.T + bias` (weight `[out, in]`), split over CPU streams for a few rows of `x`."""
     if not _split(x, weight):
-        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
-    streams = _streams()
-    step = -(-weight.shape[0] // len(streams))
-    parts = []
-    for stream, lo in zip(streams, range(0, weight.shape[0], step)):
-        with mx.stream(stream):
-            w = weight[lo : lo + step]
-            parts.append(x @ w.T if bias is None else mx.addmm(bias[lo : lo + step], x, w.T))
+        return _product(x, weight, bias)
+    parts = _on_streams(weight.shape[0], lambda rows: _product(x, weight[rows], None if bias is None else bias[rows]))
     return mx.concatenate(parts, axis=-1)
 
 
@@ -78,20 +91,9 @@ def elementwise(fn: Callable[..., Any], *arrays: mx.array) -> Any:
     """`fn(*arrays)` for an elementwise `fn` of same-shape `[B, T, ...]` arrays returning an array or a
     tuple of them, with the positions (axis 1) of a long prompt split over CPU streams."""
     shape = arrays[0].shape
-    if (
-        len(shape) < 3
-        or shape[0] != 1
-        or shape[1] < MIN_ELEMENTWISE_ROWS
-        or mx.default_device().type != mx.DeviceType.cpu
-        or len(_streams()) < 2
-    ):
+    if len(shape) < 3 or shape[0] != 1 or shape[1] < MIN_ELEMENTWISE_ROWS or not _cpu_split():
         return fn(*arrays)
-    T, streams = shape[1], _streams()
-    step = -(-T // len(streams))
-    parts = []
-    for stream, lo in zip(streams, range(0, T, step)):
-        with mx.stream(stream):
-            parts.append(fn(*(a[:, lo : lo + step] for a in arrays)))
+    parts = _on_streams(shape[1], lambda positions: fn(*(a[:, positions] for a in arrays)))
     if isinstance(parts[0], tuple):
         return tuple(mx.concatenate(p, axis=1) for p in zip(*parts))
     return mx.concatenate(parts, axis=1)

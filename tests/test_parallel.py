@@ -1,4 +1,4 @@
-"""Decode-sized matrix products split over CPU streams: the same numbers as one product."""
+"""Work split over CPU streams (decode-sized products, long prompts' elementwise passes): the same numbers as one pass."""
 
 from __future__ import annotations
 

@@ -162,7 +162,8 @@ def _padded(n: int) -> int:
 
 def init_weights(model: Model, args: ModelArgs) -> None:
     """DeepMind's initialisation (`rg_mlx.model.initial_weight`) of every parameter."""
-    model.update(tree_map_with_path(lambda name, p: initial_weight(name, p.shape, args.num_hidden_layers), model.parameters()))
+    layers = args.num_hidden_layers
+    model.update(tree_map_with_path(lambda name, p: initial_weight(name, p.shape, layers), model.parameters()))
 
 
 def loss_fn(model: Model, inputs: mx.array, index: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
