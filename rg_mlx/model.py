@@ -178,15 +178,27 @@ class LocalAttentionBlock(nn.Module):
         q = apply_rope(q, positions, self.rope_dims, self.rope_base)
         k = apply_rope(k, positions, self.rope_dims, self.rope_base)
 
-        if cache is not None and cache[0] is not None:
-            past = (cache[0], cache[1], cache[2])
-        else:
-            past = None
+        past = self._past(cache, positions) if cache is not None and cache[0] is not None else None
         out = self._attend(q, k, v, positions, past)
         if cache is not None:
-            self._update_ring(cache, k, v, positions, past)
+            self._update_ring(cache, k, v, positions)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(out)
+
+    def _past(self, cache: ArraysCache, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The ring's keys, values and key positions; while it is still filling, only its filled slots.
+
+        Position p >= 0 sits in slot p % window, so until a row's next position reaches `window`,
+        the slots from the largest next position on hold only left padding or nothing, which no
+        query of a document sees. Reading that bound is a sync, so a decode step on a GPU (queued
+        ahead of the previous one) skips it.
+        """
+        keys, values, k_pos = cache[0], cache[1], cache[2]
+        if positions.shape[1] > 1 or mx.default_device().type == mx.DeviceType.cpu:
+            filled = max(0, positions[:, 0].max().item())
+            if filled < self.window:
+                return keys[:, :, :filled], values[:, :, :filled], k_pos[:, :filled]
+        return keys, values, k_pos
 
     def _attend(self, q, k, v, positions, past) -> mx.array:
         T = q.shape[2]
@@ -205,16 +217,16 @@ class LocalAttentionBlock(nn.Module):
             )
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-    def _update_ring(self, cache: ArraysCache, k, v, positions, past) -> None:
+    def _update_ring(self, cache: ArraysCache, k, v, positions) -> None:
         """Write the last min(T, window) keys/values into slots `position % window`."""
         B, n_kv, T, D = k.shape
         W = self.window
-        if past is None:
+        if cache[0] is None:
             keys = mx.zeros((B, n_kv, W, D), k.dtype)
             values = mx.zeros((B, n_kv, W, D), v.dtype)
             k_pos = mx.full((B, W), _EMPTY, mx.int32)
         else:
-            keys, values, k_pos = past
+            keys, values, k_pos = cache[0], cache[1], cache[2]
         n = min(T, W)
         pos = positions[:, T - n :]
         slots = mx.remainder(pos, W)  # [B, n], distinct within a row
