@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rg-mlx", description="RecurrentGemma on MLX", formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--version", action="version", version=f"rg-mlx {__version__} (BLAS: {_blas.active()})")
+    malloc = "; malloc reuses freed memory" if _blas.malloc_reuses_memory() else ""
+    parser.add_argument("--version", action="version", version=f"rg-mlx {__version__} (BLAS: {_blas.active()}{malloc})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

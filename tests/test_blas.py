@@ -117,7 +117,30 @@ def test_without_the_router_the_system_openblas_is_called_directly():
     code = NO_ROUTER + "from rg_mlx.cli import main; main(['--version'])"
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, RG_MLX_BLAS="openblas", COLUMNS="40"),
                           capture_output=True, text=True, timeout=120)
-    assert proc.stdout == f"rg-mlx {rg_mlx.__version__} (BLAS: {result['active']})\n"
+    assert proc.stdout == f"rg-mlx {rg_mlx.__version__} (BLAS: {result['active']}; malloc reuses freed memory)\n"
+
+
+# Page faults of making and freeing a 64 MiB MLX array four times (16,384 pages each, unless malloc reuses them).
+FAULTS = """
+import json, resource
+import rg_mlx
+import mlx.core as mx
+x = mx.zeros((16 << 20,))
+mx.eval(x + 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    mx.eval(x + 1)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"faults": faults, "reuses": rg_mlx._blas.malloc_reuses_memory()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"), reason="malloc settings are glibc's")
+def test_malloc_reuses_large_blocks_unless_off():
+    on, _ = run_probe(None, FAULTS, debug_bindings=False)
+    off, _ = run_probe("off", FAULTS, debug_bindings=False)
+    assert on["reuses"] and on["faults"] < 1000
+    assert not off["reuses"] and off["faults"] > 4 * 16384 * 0.9
 
 
 def test_forced_but_missing_falls_back_with_a_warning():
