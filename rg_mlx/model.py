@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .config import ModelArgs
 from .fast_math import gelu_mul, soft_cap
 from .kernels import rg_lru
-from .parallel import Linear, elementwise, linear
+from .parallel import Linear, attention, elementwise, linear
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
@@ -212,9 +212,7 @@ class LocalAttentionBlock(nn.Module):
                 values = mx.concatenate([past[1], values], axis=2)
                 k_pos = mx.concatenate([past[2], k_pos], axis=1)
             mask = window_mask(positions[:, s:e], k_pos, self.window)
-            outs.append(
-                mx.fast.scaled_dot_product_attention(q[:, :, s:e], keys, values, scale=self.scale, mask=mask)
-            )
+            outs.append(attention(q[:, :, s:e], keys, values, self.scale, mask))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
     def _update_ring(self, cache: ArraysCache, k, v, positions) -> None:

@@ -102,3 +102,23 @@ def test_split_work_runs_in_any_thread(monkeypatch):
     assert len(results) == 1
     np.testing.assert_allclose(results[0][0], expected[0], rtol=1e-6)
     np.testing.assert_allclose(results[0][1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(3, 1), (4, 2)])
+def test_attention_split_over_heads_equals_one_pass(monkeypatch, heads, kv_heads):
+    streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    seen = []
+    monkeypatch.setattr(parallel, "_streams", lambda: seen.append(1) or streams)
+    T, S, D = parallel.MIN_ELEMENTWISE_ROWS, parallel.MIN_ELEMENTWISE_ROWS + 9, 8
+    q = mx.random.normal((1, heads, T, D))
+    k, v = mx.random.normal((1, kv_heads, S, D)), mx.random.normal((1, kv_heads, S, D))
+    q_pos, k_pos = mx.arange(S - T, S), mx.arange(S)
+    mask = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] <= 20))[None, None]
+    got = parallel.attention(q, k, v, 0.3, mask)
+    assert seen, "the attention was not split"
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-6, atol=1e-6)
+    # a short prompt or a decode step: one pass
+    seen.clear()
+    parallel.attention(q[:, :, :1], k, v, 0.3, mask[:, :, :1])
+    assert not seen
