@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runtimes", type=_csv(str), default=list(RUNTIMES),
         help=f"which to run, comma-separated (default all: {','.join(RUNTIMES)}); "
-        "mlx-lm is MLX as installed, mlx-lm+blas runs with rg_mlx's BLAS",
+        "mlx-lm is MLX as installed, mlx-lm+blas runs with rg_mlx's Linux fast path (its BLAS and malloc settings)",
     )
     parser.add_argument(
         "--prompt-lengths", type=_csv(int), default=[512, 2048, 8192], help="prompt lengths (default 512,2048,8192)"
