@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# runtime name -> (worker runtime, dtype, BLAS: None = rg_mlx's fast path as RG_MLX_BLAS says, "none" = MLX as installed)
+# runtime name -> (worker runtime, dtype, BLAS: None = rg_mlx's fast path as RG_MLX_BLAS says, "none" = MLX as
+# installed; transformers never gets the fast path)
 RUNTIMES = {
     "rg_mlx": ("rg_mlx", "float32", None),
     "mlx-lm": ("mlx-lm", "float32", "none"),
