@@ -26,18 +26,16 @@ def gate_math(
     gate_x: mx.array,
     gate_a: mx.array,
     a_param: mx.array,
-    reset: mx.array | None,
+    reset: mx.array,
 ) -> tuple[mx.array, mx.array]:
     """The RG-LRU's elementwise part, in float32: returns `(a, b)` with `h_t = a_t h_{t-1} + b_t`.
 
     `a = exp(-8 * sigmoid(gate_a) * softplus(a_param))`, `b = sqrt(1 - a^2) * sigmoid(gate_x) * x`;
-    at a document start the multiplier is 1 and `a` is 0 (the state restarts from zero).
-    One fused pass (`rg_mlx.fast_math.rg_lru_gates`) over inputs brought to one contiguous shape,
+    where `reset` (`[B, T]` bool) marks a document start, the multiplier is 1 and `a` is 0 (the state
+    restarts from zero). One fused pass (`rg_mlx.fast_math.rg_lru_gates`) over inputs brought to one contiguous shape,
     split over CPU streams for a long prompt (`rg_mlx.parallel.elementwise`).
     """
     log_a_max = -8.0 * nn.softplus(a_param.astype(mx.float32))
-    if reset is None:
-        reset = mx.zeros(x.shape[:-1], mx.bool_)
     log_a_max = mx.contiguous(mx.broadcast_to(log_a_max, x.shape))
     reset = mx.contiguous(mx.broadcast_to(reset[..., None], x.shape))
     return elementwise(rg_lru_gates, x, gate_x, gate_a, log_a_max, reset)
@@ -102,6 +100,7 @@ def rg_lru_ops(
     h0: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """The fused RG-LRU (gate math + scan) in MLX ops. See `rg_mlx.kernels.rg_lru`."""
+    reset, h0 = with_defaults(x, reset, h0)
     if x.shape[1] == 1:
         return rg_lru_step(x, gate_x, gate_a, a_param, reset, h0)
     a, b = gate_math(x, gate_x, gate_a, a_param, reset)
