@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
         blas = _blas.active()
     if args.runtime == "hf":
+        # The repository's top-level `kernels/` folder (rg_mlx.kernels) would pass for Hugging Face's
+        # `kernels` package, which transformers imports wherever it finds one, and that imports rg_mlx.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
         runner = HFRunner(args.model, args.dtype)
         blas = "torch " + __import__("torch").__version__
     else:
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x]
     result = measure(runner, config["vocab_size"], lengths, args.decode_tokens, args.budget)
     result.update(
-        runtime=args.runtime, dtype=args.dtype, blas=blas, load_s=load_s, params=runner.params,
+        runtime=args.runtime, dtype=args.dtype, blas=blas, fast_path="rg_mlx._blas" in sys.modules,
+        load_s=load_s, params=runner.params,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     print(json.dumps(result), flush=True)
