@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from pathlib import Path
 
 import pytest
 
-from benchmarks import bench, checkpoint
 from rg_mlx import ModelArgs
 
 TINY = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
@@ -14,7 +15,16 @@ TINY = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidd
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def harness():
+    """`benchmarks.bench` and `benchmarks.checkpoint` (the checkout's root is on sys.path only for the import)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+        return importlib.import_module("benchmarks.bench"), importlib.import_module("benchmarks.checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(harness, tmp_path_factory):
+    _, checkpoint = harness
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(checkpoint.CONFIGS, "tiny", TINY)
         return checkpoint.write_checkpoint("tiny", tmp_path_factory.mktemp("bench") / "tiny-float32")
@@ -25,7 +35,8 @@ RUNTIMES = {"rg_mlx": True, "mlx-lm": False, "mlx-lm+blas": True, "hf-float32": 
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
-def test_worker_measures_each_runtime(tiny_checkpoint, runtime):
+def test_worker_measures_each_runtime(harness, tiny_checkpoint, runtime):
+    bench, checkpoint = harness
     if runtime.startswith("hf") and importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers not installed")
     r = bench.run_worker(tiny_checkpoint, runtime, prompt_lengths=[8, 24], decode_tokens=4, budget=60)
