@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     blas = None
-    if args.runtime != "hf" and (args.runtime == "rg_mlx" or args.blas != "none"):
+    if args.runtime == "rg_mlx" or (args.runtime == "mlx-lm" and args.blas != "none"):
         # rg_mlx's fast path, loaded before anything imports mlx.core; never in transformers' process,
         # which runs as its users run it (the fast path's malloc settings would change its speed and memory).
         if args.blas == "none":
