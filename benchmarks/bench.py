@@ -3,7 +3,9 @@
     python -m benchmarks.bench            # or: rg-mlx bench   (options: --help)
 
 Each runtime runs in its own process (benchmarks/worker.py) on the same random-weight
-checkpoint, written once under --work-dir. Configurations: "bench" (the 2B widths, 6 layers
+checkpoint, written once under --work-dir; rg_mlx and mlx-lm with the same BLAS then measure
+decode again in rounds, taking turns (on a shared machine, bandwidth moves within minutes).
+Configurations: "bench" (the 2B widths, 6 layers
 R R A R R A, the full 256000 vocabulary, 1.12B parameters, float32) and "2b" (the real 2B
 shape, decode only). Prints markdown tables: absolute numbers, then the ratios of rg_mlx to
 each peer, the decode speed as a fraction of the memory-bandwidth bound, and the growth of
@@ -16,8 +18,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +38,9 @@ RUNTIMES = {
     "hf-bfloat16": ("hf", "bfloat16", None),
 }
 # How each configuration is stored on disk and run: prompt lengths (None = from --prompt-lengths), decode tokens.
+# The runtimes whose decode is measured in alternating rounds (both read the same weights through the same BLAS,
+# so only measuring them side by side tells them apart).
+DUEL = ("rg_mlx", "mlx-lm+blas")
 CONFIG_PLAN = {"bench": ("float32", None, None), "2b": ("bfloat16", [], 8)}
 
 
@@ -81,21 +88,82 @@ def available_bytes() -> int:
         return 0
 
 
+class Worker:
+    """One runtime in its own process (benchmarks/worker.py). With `serve`, the process stays up after
+    its report and measures decode again at each `decode()` call, until `close()`."""
+
+    def __init__(self, model: Path, runtime: str, prompt_lengths: list[int], decode_tokens: int, budget: float,
+                 serve: bool = False):
+        kind, dtype, blas = RUNTIMES[runtime]
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--runtime", kind, "--model", str(model), "--dtype", dtype,
+               "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--decode-tokens", str(decode_tokens),
+               "--budget", str(budget)]
+        cmd += ["--blas", blas] if blas else []
+        cmd += ["--serve"] if serve else []
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.PIPE if serve else subprocess.DEVNULL)
+
+    def reply(self) -> dict:
+        """The worker's next JSON line, or {"error": ...} if it ended without one."""
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {code}: {tail}"}
+
+    def decode(self) -> dict:
+        """One more decode measurement (a served worker only)."""
+        try:
+            self.proc.stdin.write("decode\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it ended: reply() reports why
+        return self.reply()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.proc.wait()
+        self.stderr.close()
+
+
 def run_worker(model: Path, runtime: str, prompt_lengths: list[int], decode_tokens: int, budget: float) -> dict:
     """Run one runtime in its own process; returns its measurements or {"error": ...}."""
-    kind, dtype, blas = RUNTIMES[runtime]
-    cmd = [sys.executable, "-m", "benchmarks.worker", "--runtime", kind, "--model", str(model), "--dtype", dtype,
-           "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--decode-tokens", str(decode_tokens),
-           "--budget", str(budget)]
-    if blas:
-        cmd += ["--blas", blas]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    worker = Worker(model, runtime, prompt_lengths, decode_tokens, budget)
+    try:
+        return worker.reply()
+    finally:
+        worker.close()
+
+
+def decode_rounds(workers: dict[str, Worker], rounds: int) -> tuple[dict[str, dict], list[float]]:
+    """Decode of the served runtimes, measured in `rounds` rounds in which they take turns, each round
+    after a bandwidth probe: the median rate of each (so every runtime faces the same machine; on a
+    shared VM, bandwidth moves by a quarter within minutes), and the probes."""
+    rates: dict[str, list[dict]] = {name: [] for name in workers}
+    probes = []
+    for k in range(rounds):
+        probes.append(memory_bandwidth())
+        for name in list(workers)[:: 1 if k % 2 == 0 else -1]:  # alternate who goes first
+            rates[name].append(workers[name].decode())
+    out = {}
+    for name, runs in rates.items():
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            out[name] = failed[0]
+            continue
+        median = statistics.median(r["tok_s"] for r in runs)
+        out[name] = {"tok_s": median, "tokens": runs[0]["tokens"], "rounds": [r["tok_s"] for r in runs]}
+        if any(r.get("fewer_than_asked") for r in runs):
+            out[name]["fewer_than_asked"] = True
+    return out, probes
 
 
 def _label(runtime: str, r: dict) -> str:
@@ -118,8 +186,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth: float, weight_bytes: int) -> str:
-    """The markdown report of one configuration."""
+def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth: float, weight_bytes: int,
+           decode_rounds: int = 0) -> str:
+    """The markdown report of one configuration; `bandwidth` is the median probe of the decode rounds, if
+    there were any (`decode_rounds`)."""
     out = []
     head = ["runtime", "BLAS / backend", "dtype"] + [f"prompt {n} tok/s" for n in lengths]
     if lengths:
@@ -143,6 +213,10 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
             p = r["prompt"].get(str(lengths[0]))
             cells.append(_fmt(p and p["ttft_s"], 2, "~" if p and "extrapolated_from" in p else ""))
         d = r["decode"]
+        if "rounds" in d:
+            dueled = ", ".join(_label(n, x) for n, x in results.items() if "rounds" in x.get("decode", {}))
+            notes.add(f"decode of {dueled}: median of {decode_rounds} rounds in which they take turns, "
+                      "each after a bandwidth probe")
         if d.get("fewer_than_asked"):
             notes.add("* decode measured over fewer tokens (too slow for more)")
         cells += [_fmt(d["tok_s"], 2) + ("*" if d.get("fewer_than_asked") else ""), _fmt(r["load_s"]),
@@ -174,10 +248,16 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     per_token = weight_bytes + ours["state_bytes"]
     bound = bandwidth / per_token
     out.append(
-        f"\nDecode bound: {bandwidth / 1e9:.1f} GB/s read bandwidth / {per_token / 1e9:.2f} GB read per token "
+        f"\nDecode bound: {bandwidth / 1e9:.1f} GB/s read bandwidth"
+        f"{' (median of the probes of the decode rounds)' if decode_rounds else ''} / "
+        f"{per_token / 1e9:.2f} GB read per token "
         f"(weights + state) = {bound:.2f} tok/s; rg_mlx decodes at {ours['decode']['tok_s']:.2f} tok/s = "
         f"{100 * ours['decode']['tok_s'] / bound:.0f}% of it."
     )
+    rounds = [f"{_label(n, r)} {', '.join(_fmt(x, 2) for x in r['decode']['rounds'])}"
+              for n, r in results.items() if "rounds" in r.get("decode", {})]
+    if rounds:
+        out.append(f"Decode rounds, tok/s: {'; '.join(rounds)}.")
     timed = [n for n in lengths if "extrapolated_from" not in ours["prompt"][str(n)]]
     if len(timed) >= 2:
         a, b = timed[-2], timed[-1]
@@ -186,12 +266,55 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     return "\n".join(out)
 
 
+def run_config(config: str, folder: Path, args: argparse.Namespace, lengths: list[int], decode: int,
+               weight_bytes: int) -> tuple[dict[str, dict], list[float]]:
+    """Every runtime on one checkpoint, one after the other; the DUEL runtimes' decode is then measured
+    in `args.decode_rounds` alternating rounds (`decode_rounds`). Returns the results and the rounds'
+    bandwidth probes."""
+    duel = [r for r in args.runtimes if r in DUEL] if args.decode_rounds else []
+    results, served, probes = {}, {}, []
+    try:
+        for runtime in args.runtimes:
+            need = 1.3 * weight_bytes * (0.5 if RUNTIMES[runtime][1] == "bfloat16" else 1)
+            if available_bytes() and available_bytes() < need:
+                results[runtime] = {"error": f"skipped: needs about {need / 1e9:.0f} GB of free memory"}
+            else:
+                print(f"[{config}] {runtime} ...", file=sys.stderr, flush=True)
+                t = time.perf_counter()
+                # rg_mlx always runs in full: its prompt-time growth is one of the results.
+                budget = 1e9 if runtime == "rg_mlx" else args.budget
+                worker = Worker(folder, runtime, lengths, decode, budget, serve=runtime in duel)
+                results[runtime] = worker.reply()
+                if runtime in duel and "error" not in results[runtime]:
+                    served[runtime] = worker  # stays up (idle) until the decode rounds
+                else:
+                    worker.close()
+                print(f"[{config}] {runtime} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            if served and runtime == duel[-1]:
+                print(f"[{config}] decode, {args.decode_rounds} rounds of {', '.join(served)} ...", file=sys.stderr,
+                      flush=True)
+                rates, probes = decode_rounds(served, args.decode_rounds)
+                for name, worker in served.items():
+                    worker.close()
+                    if "error" in rates[name]:
+                        results[name] = {"error": f"decode rounds: {rates[name]['error']}"}
+                    else:
+                        results[name]["decode"] = rates[name]
+                served = {}
+    finally:
+        for worker in served.values():
+            worker.close()
+    return results, probes
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with the options of `rg_mlx.commands.bench.add_arguments`; print the tables."""
     from benchmarks.checkpoint import CONFIGS, write_checkpoint
 
     from rg_mlx.errors import RGError
 
+    if args.decode_rounds < 0:
+        raise RGError(f"--decode-rounds {args.decode_rounds}: must be >= 0 (0 measures each runtime's decode once)")
     unknown = [c for c in args.configs if c not in CONFIGS] + [r for r in args.runtimes if r not in RUNTIMES]
     if unknown:
         raise RGError(f"unknown config or runtime {unknown[0]!r}: configs are {', '.join(CONFIGS)}, "
@@ -216,22 +339,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{config}] checkpoint {folder} ...", file=sys.stderr, flush=True)
         write_checkpoint(config, folder, dtype=disk_dtype)
         weight_bytes = 4 * _parameter_count(config)  # float32 compute
-        results = {}
-        for runtime in args.runtimes:
-            need = 1.3 * weight_bytes * (0.5 if RUNTIMES[runtime][1] == "bfloat16" else 1)
-            if available_bytes() and available_bytes() < need:
-                results[runtime] = {"error": f"skipped: needs about {need / 1e9:.0f} GB of free memory"}
-                continue
-            print(f"[{config}] {runtime} ...", file=sys.stderr, flush=True)
-            t = time.perf_counter()
-            # rg_mlx always runs in full: its prompt-time growth is one of the results.
-            budget = 1e9 if runtime == "rg_mlx" else args.budget
-            results[runtime] = run_worker(folder, runtime, lengths, decode, budget)
-            print(f"[{config}] {runtime} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        results, probes = run_config(config, folder, args, lengths, decode, weight_bytes)
         params = _parameter_count(config)
         print(f"## {config}: {params / 1e9:.2f}B parameters, float32 weights {weight_bytes / 1e9:.2f} GB\n")
-        print(tables(config, results, lengths, bandwidth, weight_bytes) + "\n", flush=True)
-        report["configs"][config] = {"params": params, "prompt_lengths": lengths, "results": results}
+        print(tables(config, results, lengths, statistics.median(probes) if probes else bandwidth, weight_bytes,
+                     decode_rounds=len(probes)) + "\n", flush=True)
+        report["configs"][config] = {"params": params, "prompt_lengths": lengths, "results": results,
+                                     "bandwidth_probes": probes}
     total = time.perf_counter() - start
     print(f"Total time {total / 60:.1f} min; load average at end {os.getloadavg()[0]:.2f}")
     if args.json:

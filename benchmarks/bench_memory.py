@@ -4,8 +4,10 @@
 
 Every 1,000 generated tokens it records the process's resident memory (RSS) and the mean and
 median time per generated token (the gaps between tokens of a reply; each reply's first
-token, which includes its prompt, is left out). It prints the samples and the spread after
-warm-up, and plots both to docs/memory.png. The default model is the bundled demo model, whose
+token, which includes its prompt, is left out), and the same for a fresh chat that answers
+each question alongside: the machine's speed at that moment, to tell a trend of the
+long chat from the drift of a shared machine. It prints the samples and the spread after
+warm-up, and plots them to docs/memory.png. The default model is the bundled demo model, whose
 attention window (128) fills within the first reply, so every later token runs on a full state.
 """
 
@@ -39,17 +41,35 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _gaps(replies) -> list[float]:
+    """Times between consecutive tokens of one reply (its first token, which includes the prompt, is left out)."""
+    stamps = [time.perf_counter() for _ in replies]
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _ms(gaps: list[float], stat) -> float | None:
+    return 1000 * stat(gaps) if gaps else None
+
+
 def run_chat(model_path: str, total: int, every: int, seed: int) -> list[dict]:
-    """Chat until `total` tokens were generated; one sample per `every` tokens."""
+    """Chat until `total` tokens were generated; one sample per `every` tokens.
+
+    After each reply a fresh chat (reset each time) answers the same question: measured
+    alongside, its latency is what the machine gives a chat without history at that moment.
+    On a shared machine speed moves by 10-20% within minutes, which would hide or fake a trend
+    in the long chat's own latency; the ratio of the two does not move with the machine.
+    """
     import rg_mlx
 
     model, tokenizer = rg_mlx.load(model_path)
     chat = rg_mlx.ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed)
-    samples, gaps, generated, turn = [], [], 0, 0
+    fresh = rg_mlx.ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed + 1)
+    samples, gaps, fresh_gaps, generated, turn = [], [], [], 0, 0
     start = time.perf_counter()
     while generated < total:
+        question = QUESTIONS[turn % len(QUESTIONS)]
         last = None
-        for r in chat.send(QUESTIONS[turn % len(QUESTIONS)]):
+        for r in chat.send(question):
             now = time.perf_counter()
             if last is not None:
                 gaps.append(now - last)
@@ -62,34 +82,40 @@ def run_chat(model_path: str, total: int, every: int, seed: int) -> list[dict]:
                     "seconds": now - start,
                     "rss_bytes": rss_bytes(),
                     "state_bytes": r.state_bytes,
-                    "mean_ms": 1000 * statistics.fmean(gaps) if gaps else None,
-                    "median_ms": 1000 * statistics.median(gaps) if gaps else None,
+                    "mean_ms": _ms(gaps, statistics.fmean),
+                    "median_ms": _ms(gaps, statistics.median),
+                    "fresh_mean_ms": _ms(fresh_gaps, statistics.fmean),
                     "tokens_seen": chat.tokens_seen,
                 })
-                gaps = []
+                gaps, fresh_gaps = [], []
             if generated >= total:
                 break
         turn += 1
+        if generated < total:
+            fresh.reset()
+            fresh_gaps += _gaps(fresh.send(question))
     return samples
 
 
 def spread(samples: list[dict], warmup: int) -> dict:
-    """RSS variation after warm-up, and latency change from the first window after warm-up to the last."""
+    """RSS variation after warm-up, and latency change from the first window after warm-up to the last:
+    the long chat's own, and relative to the fresh chat measured alongside."""
     after = [s for s in samples if s["tokens"] > warmup]
     rss = [s["rss_bytes"] for s in after]
     first, last = after[0], after[-1]
-    return {
+    out = {
         "rss_min": min(rss),
         "rss_max": max(rss),
         "rss_spread": (max(rss) - min(rss)) / min(rss),
-        "latency_first_ms": first["mean_ms"],
-        "latency_last_ms": last["mean_ms"],
-        "latency_change": (last["mean_ms"] - first["mean_ms"]) / first["mean_ms"],
-        "median_first_ms": first["median_ms"],
-        "median_last_ms": last["median_ms"],
-        "median_change": (last["median_ms"] - first["median_ms"]) / first["median_ms"],
         "state_bytes": sorted({s["state_bytes"] for s in samples}),
     }
+    for key in ("mean_ms", "median_ms", "fresh_mean_ms"):
+        if first[key] and last[key]:
+            out[key] = (first[key], last[key], last[key] / first[key] - 1)
+    if "fresh_mean_ms" in out:
+        a, b = (s["mean_ms"] / s["fresh_mean_ms"] for s in (first, last))
+        out["relative"] = (a, b, b / a - 1)
+    return out
 
 
 def plot(samples: list[dict], path: Path, title: str) -> None:
@@ -109,6 +135,8 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
     a.grid(alpha=0.3)
     b.plot(k, [s["mean_ms"] for s in samples], marker="o", markersize=3, label="mean")
     b.plot(k, [s["median_ms"] for s in samples], marker=".", markersize=3, label="median")
+    fresh = [s["fresh_mean_ms"] or float("nan") for s in samples]
+    b.plot(k, fresh, linestyle="--", label="a fresh chat, alongside (mean)")
     b.set_ylabel("ms per generated token")
     b.set_xlabel("generated tokens (thousands), one chat")
     b.set_ylim(0, 1.2 * max(s["mean_ms"] for s in samples))
@@ -128,16 +156,23 @@ def run(args: argparse.Namespace) -> int:
     s = spread(samples, args.memory_warmup)
     print(f"# one chat, {samples[-1]['tokens']} generated tokens in {samples[-1]['turns']} replies "
           f"(model {args.memory_model}, BLAS {_blas.active()})\n")
-    print("| tokens | replies | RSS MiB | state KiB | mean ms/token | median ms/token |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| tokens | replies | RSS MiB | state KiB | mean ms/token | median ms/token | fresh chat mean ms/token |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for x in samples:
+        fresh = "-" if x["fresh_mean_ms"] is None else f"{x['fresh_mean_ms']:.2f}"
         print(f"| {x['tokens']} | {x['turns']} | {x['rss_bytes'] / 2**20:.1f} | {x['state_bytes'] / 1024:.1f} | "
-              f"{x['mean_ms']:.2f} | {x['median_ms']:.2f} |")
+              f"{x['mean_ms']:.2f} | {x['median_ms']:.2f} | {fresh} |")
     print(f"\nRSS after the first {args.memory_warmup} tokens: {s['rss_min'] / 2**20:.1f} to "
           f"{s['rss_max'] / 2**20:.1f} MiB (spread {100 * s['rss_spread']:.2f}%)")
-    print(f"Per-token latency, first 1,000 tokens after warm-up vs the last 1,000: mean {s['latency_first_ms']:.2f} -> "
-          f"{s['latency_last_ms']:.2f} ms ({100 * s['latency_change']:+.1f}%), median {s['median_first_ms']:.2f} -> "
-          f"{s['median_last_ms']:.2f} ms ({100 * s['median_change']:+.1f}%)")
+    print("Per-token latency, first 1,000 tokens after warm-up -> the last 1,000:")
+    kinds = [("mean_ms", "mean"), ("median_ms", "median"), ("fresh_mean_ms", "a fresh chat's mean, alongside")]
+    for key, what in kinds:
+        if key in s:
+            a, b, change = s[key]
+            print(f"- {what}: {a:.2f} -> {b:.2f} ms ({100 * change:+.1f}%)")
+    if "relative" in s:
+        a, b, change = s["relative"]
+        print(f"- the long chat's mean over the fresh chat's: {a:.3f} -> {b:.3f} ({100 * change:+.1f}%)")
     print(f"State bytes: {', '.join(str(b) for b in s['state_bytes'])}")
     plot(samples, args.memory_plot, f"rg_mlx, one chat of {samples[-1]['tokens']} generated tokens")
     print(f"Plot: {args.memory_plot}")

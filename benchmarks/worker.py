@@ -1,6 +1,6 @@
 """One runtime on one checkpoint, in its own process: prints one JSON line of measurements.
 
-    python -m benchmarks.worker --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype float32] [--blas none]
+    python -m benchmarks.worker --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype float32] [--blas none] [--serve]
 
 Every runtime is timed through its own generation loop, greedy: rg_mlx's (chunked prefill,
 logits for the last position only), mlx-lm's `generate_step`, and transformers' `generate`.
@@ -142,7 +142,7 @@ def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 
 def measure(runner, vocab: int, prompt_lengths: list[int], decode_tokens: int, budget: float) -> dict:
-    """Warm up, then time the first token at each prompt length and the decode rate."""
+    """Warm up, then time the first token at each prompt length and (unless `decode_tokens` is 0) the decode rate."""
     runner.times(_random_ids(_WARMUP_PROMPT, vocab, 0), _WARMUP_TOKENS)
     prompts, state = {}, runner.state_bytes()
     if prompt_lengths:
@@ -156,16 +156,32 @@ def measure(runner, vocab: int, prompt_lengths: list[int], decode_tokens: int, b
         prompts[n] = {"tok_s": n / t, "ttft_s": t}
         measured, rate = n, n / t
         state = max(state, runner.state_bytes())  # peers' attention caches grow up to the window
+    result = {"prompt": prompts}
+    if decode_tokens:
+        result["decode"] = decode(runner, vocab, decode_tokens, budget, seed=2)
+    result["state_bytes"] = max(state, runner.state_bytes())
+    return result
 
-    # Decode: time a few steps, then as many as fit the budget (at least 3).
-    first = runner.times(_random_ids(_DECODE_PROMPT, vocab, 2), 3)
+
+def decode(runner, vocab: int, tokens: int, budget: float, seed: int) -> dict:
+    """Decode rate after a 16-token prompt: a few steps, then as many as fit the budget (at least 3)."""
+    first = runner.times(_random_ids(_DECODE_PROMPT, vocab, seed), 3)
     step = first[-1] - first[-2]
-    n = max(3, min(decode_tokens, int(budget / max(step, 1e-6))))
-    stamps = runner.times(_random_ids(_DECODE_PROMPT, vocab, 3), n) if n > 3 else first
-    decode = {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps)}
-    if len(stamps) < decode_tokens:
-        decode["fewer_than_asked"] = True
-    return {"prompt": prompts, "decode": decode, "state_bytes": max(state, runner.state_bytes())}
+    n = max(3, min(tokens, int(budget / max(step, 1e-6))))
+    stamps = runner.times(_random_ids(_DECODE_PROMPT, vocab, seed + 1), n) if n > 3 else first
+    result = {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps)}
+    if len(stamps) < tokens:
+        result["fewer_than_asked"] = True
+    return result
+
+
+def serve(runner, vocab: int, tokens: int, budget: float) -> None:
+    """Answer each `decode` line on stdin with one JSON line of `decode` (the bench alternates
+    runtimes this way, so that they face the same machine); stop at end of input."""
+    for k, line in enumerate(sys.stdin):
+        if line.strip() != "decode":
+            raise SystemExit(f"unknown command {line.strip()!r}: the worker serves 'decode'")
+        print(json.dumps(decode(runner, vocab, tokens, budget, seed=100 + 2 * k)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-lengths", default="", help="comma-separated")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--budget", type=float, default=150.0, help="seconds one measurement may take")
+    p.add_argument("--serve", action="store_true",
+                   help="leave decode out of the report, then measure it for each 'decode' line on stdin")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -203,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
 
     config = json.load(open(os.path.join(args.model, "config.json")))
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x]
-    result = measure(runner, config["vocab_size"], lengths, args.decode_tokens, args.budget)
+    vocab = config["vocab_size"]
+    result = measure(runner, vocab, lengths, 0 if args.serve else args.decode_tokens, args.budget)
     result.update(
         runtime=args.runtime, dtype=args.dtype, blas=blas, fast_path="rg_mlx._blas" in sys.modules,
         load_s=load_s, params=runner.params,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     print(json.dumps(result), flush=True)
+    if args.serve:
+        serve(runner, vocab, args.decode_tokens, args.budget)
     return 0
 
 

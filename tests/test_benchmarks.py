@@ -48,3 +48,72 @@ def test_worker_measures_each_runtime(harness, tiny_checkpoint, runtime):
     assert r["state_bytes"] > 0 and r["peak_rss_bytes"] > 0
     # MLX as installed and transformers run without rg_mlx's fast path (its BLAS, its malloc settings)
     assert r["fast_path"] == RUNTIMES[runtime]
+
+
+def test_served_worker_measures_decode_on_request(harness, tiny_checkpoint):
+    bench, _ = harness
+    worker = bench.Worker(tiny_checkpoint, "rg_mlx", [8], decode_tokens=4, budget=60, serve=True)
+    try:
+        report = worker.reply()
+        assert "error" not in report, report
+        assert "decode" not in report and set(report["prompt"]) == {"8"}
+        for _ in range(2):
+            d = worker.decode()
+            assert d["tok_s"] > 0 and d["tokens"] == 4, d
+    finally:
+        worker.close()
+    assert worker.proc.returncode == 0
+
+
+def test_decode_rounds_alternate_and_take_the_median(harness, tiny_checkpoint, monkeypatch):
+    bench, _ = harness
+    probes = iter([20e9, 30e9, 25e9])
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda repeats=5: next(probes))
+
+    class Fake:
+        """Stands in for a served worker: its decode rates, and the order of the calls."""
+
+        calls: list[str] = []
+
+        def __init__(self, name, rates):
+            self.name, self.rates = name, iter(rates)
+
+        def decode(self):
+            Fake.calls.append(self.name)
+            return {"tok_s": next(self.rates), "tokens": 4}
+
+    rates, seen = bench.decode_rounds({"a": Fake("a", [3.0, 9.0, 4.0]), "b": Fake("b", [5.0, 1.0, 2.0])}, 3)
+    assert seen == [20e9, 30e9, 25e9]
+    assert Fake.calls == ["a", "b", "b", "a", "a", "b"]  # who goes first alternates
+    assert rates == {"a": {"tok_s": 4.0, "tokens": 4, "rounds": [3.0, 9.0, 4.0]},
+                     "b": {"tok_s": 2.0, "tokens": 4, "rounds": [5.0, 1.0, 2.0]}}
+
+
+def test_bench_config_runs_the_duel_and_reports_it(harness, tiny_checkpoint, monkeypatch):
+    import argparse
+
+    bench, checkpoint = harness
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda repeats=5: 20e9)
+    args = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
+    weights = 4 * checkpoint.parameter_count(TINY)
+    results, probes = bench.run_config("tiny", tiny_checkpoint, args, [8], 4, weights)
+    assert probes == [20e9, 20e9]
+    for name in ("rg_mlx", "mlx-lm+blas"):
+        assert "error" not in results[name], results[name]
+        assert len(results[name]["decode"]["rounds"]) == 2 and results[name]["decode"]["tok_s"] > 0
+    text = bench.tables("tiny", results, [8], 20e9, weights, decode_rounds=2)
+    assert "median of 2 rounds" in text and "(median of the probes of the decode rounds)" in text
+    assert "Decode rounds, tok/s: rg_mlx " in text and "mlx-lm (same BLAS) " in text
+
+
+def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside(harness):
+    bench_memory = importlib.import_module("benchmarks.bench_memory")
+    samples = bench_memory.run_chat("demo", total=300, every=100, seed=0)
+    assert [s["tokens"] for s in samples] == [100, 200, 300]
+    assert all(s["rss_bytes"] > 0 and s["mean_ms"] > 0 and s["fresh_mean_ms"] > 0 for s in samples[1:])
+    assert samples[-1]["tokens_seen"] >= 300  # the fresh chat's tokens are not the long chat's
+    s = bench_memory.spread(samples, warmup=100)
+    first, last, change = s["relative"]
+    assert first == samples[1]["mean_ms"] / samples[1]["fresh_mean_ms"]
+    assert last == samples[2]["mean_ms"] / samples[2]["fresh_mean_ms"]
+    assert change == last / first - 1 and s["rss_spread"] >= 0
