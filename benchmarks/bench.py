@@ -55,28 +55,35 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
-def memory_bandwidth(gib: int = 2, repeats: int = 5) -> float:
+class BandwidthProbe:
     """Read bandwidth in bytes/s: the fastest of `repeats` reads of a `gib` GiB float32 array, each read
     two ways: a max-reduction on one thread per core, and a matrix-vector product through NumPy's
-    BLAS (its own threads; the kind of read decode does)."""
-    import numpy as np
+    BLAS (its own threads; the kind of read decode does). The array is allocated once: freeing and
+    allocating 2 GiB between measurements slows whatever runs in the next seconds (measured: the
+    runtime decoding right after such a probe lost 5-20% against the one after it)."""
 
-    a = np.ones((gib << 30) // 4, np.float32)
-    parts = np.array_split(a, os.cpu_count() or 1)
-    matrix, vector = a.reshape(-1, 4096), np.ones(4096, np.float32)
-    best = 0.0
-    for _ in range(repeats):
-        threads = [threading.Thread(target=np.max, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t))
-        t = time.perf_counter()
-        matrix @ vector
-        best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best
+    def __init__(self, gib: int = 2):
+        import numpy as np
+
+        self.np = np
+        self.array = np.ones((gib << 30) // 4, np.float32)
+        self.parts = np.array_split(self.array, os.cpu_count() or 1)
+        self.matrix, self.vector = self.array.reshape(-1, 4096), np.ones(4096, np.float32)
+
+    def __call__(self, repeats: int = 5) -> float:
+        best = 0.0
+        for _ in range(repeats):
+            threads = [threading.Thread(target=self.np.max, args=(p,)) for p in self.parts]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            best = max(best, self.array.nbytes / (time.perf_counter() - t))
+            t = time.perf_counter()
+            self.matrix @ self.vector
+            best = max(best, self.array.nbytes / (time.perf_counter() - t))
+        return best
 
 
 def available_bytes() -> int:
@@ -143,14 +150,14 @@ def run_worker(model: Path, runtime: str, prompt_lengths: list[int], decode_toke
         worker.close()
 
 
-def decode_rounds(workers: dict[str, Worker], rounds: int) -> tuple[dict[str, dict], list[float]]:
+def decode_rounds(workers: dict[str, Worker], rounds: int, probe) -> tuple[dict[str, dict], list[float]]:
     """Decode of the served runtimes, measured in `rounds` rounds in which they take turns, each round
-    after a bandwidth probe: the median rate of each (so every runtime faces the same machine; on a
-    shared VM, bandwidth moves by a quarter within minutes), and the probes."""
+    after a bandwidth `probe()`: the median rate of each (so every runtime faces the same machine; on
+    a shared VM, bandwidth moves by a quarter within minutes), and the probes."""
     rates: dict[str, list[dict]] = {name: [] for name in workers}
     probes = []
     for k in range(rounds):
-        probes.append(memory_bandwidth())
+        probes.append(probe())
         for name in list(workers)[:: 1 if k % 2 == 0 else -1]:  # alternate who goes first
             rates[name].append(workers[name].decode())
     out = {}
@@ -271,7 +278,11 @@ def run_config(config: str, folder: Path, args: argparse.Namespace, lengths: lis
     """Every runtime on one checkpoint, one after the other; the DUEL runtimes' decode is then measured
     in `args.decode_rounds` alternating rounds (`decode_rounds`). Returns the results and the rounds'
     bandwidth probes."""
-    duel = [r for r in args.runtimes if r in DUEL] if args.decode_rounds else []
+    duel = [r for r in args.runtimes if r in DUEL]
+    # The duel's workers stay up (idle) until the rounds: only where memory holds them and one more runtime.
+    free = available_bytes()  # 0: unknown
+    if len(duel) < 2 or not args.decode_rounds or 0 < free < 1.3 * weight_bytes * (len(duel) + 1):
+        duel = []
     results, served, probes = {}, {}, []
     try:
         for runtime in args.runtimes:
@@ -293,7 +304,7 @@ def run_config(config: str, folder: Path, args: argparse.Namespace, lengths: lis
             if served and runtime == duel[-1]:
                 print(f"[{config}] decode, {args.decode_rounds} rounds of {', '.join(served)} ...", file=sys.stderr,
                       flush=True)
-                rates, probes = decode_rounds(served, args.decode_rounds)
+                rates, probes = decode_rounds(served, args.decode_rounds, BandwidthProbe())
                 for name, worker in served.items():
                     worker.close()
                     if "error" in rates[name]:
@@ -328,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print(f"# rg_mlx benchmark\n\nMachine: {machine()}; load average at start {load:.2f}")
-    bandwidth = memory_bandwidth()
+    bandwidth = BandwidthProbe()()
     print(f"Memory read bandwidth: {bandwidth / 1e9:.1f} GB/s\n")
     report = {"machine": machine(), "bandwidth": bandwidth, "configs": {}}
     for config in args.configs:

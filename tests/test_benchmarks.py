@@ -65,10 +65,9 @@ def test_served_worker_measures_decode_on_request(harness, tiny_checkpoint):
     assert worker.proc.returncode == 0
 
 
-def test_decode_rounds_alternate_and_take_the_median(harness, tiny_checkpoint, monkeypatch):
+def test_decode_rounds_alternate_and_take_the_median(harness):
     bench, _ = harness
     probes = iter([20e9, 30e9, 25e9])
-    monkeypatch.setattr(bench, "memory_bandwidth", lambda repeats=5: next(probes))
 
     class Fake:
         """Stands in for a served worker: its decode rates, and the order of the calls."""
@@ -82,7 +81,8 @@ def test_decode_rounds_alternate_and_take_the_median(harness, tiny_checkpoint, m
             Fake.calls.append(self.name)
             return {"tok_s": next(self.rates), "tokens": 4}
 
-    rates, seen = bench.decode_rounds({"a": Fake("a", [3.0, 9.0, 4.0]), "b": Fake("b", [5.0, 1.0, 2.0])}, 3)
+    workers = {"a": Fake("a", [3.0, 9.0, 4.0]), "b": Fake("b", [5.0, 1.0, 2.0])}
+    rates, seen = bench.decode_rounds(workers, 3, probe=lambda: next(probes))
     assert seen == [20e9, 30e9, 25e9]
     assert Fake.calls == ["a", "b", "b", "a", "a", "b"]  # who goes first alternates
     assert rates == {"a": {"tok_s": 4.0, "tokens": 4, "rounds": [3.0, 9.0, 4.0]},
@@ -93,7 +93,7 @@ def test_bench_config_runs_the_duel_and_reports_it(harness, tiny_checkpoint, mon
     import argparse
 
     bench, checkpoint = harness
-    monkeypatch.setattr(bench, "memory_bandwidth", lambda repeats=5: 20e9)
+    monkeypatch.setattr(bench, "BandwidthProbe", lambda: lambda: 20e9)
     args = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
     weights = 4 * checkpoint.parameter_count(TINY)
     results, probes = bench.run_config("tiny", tiny_checkpoint, args, [8], 4, weights)
@@ -117,3 +117,18 @@ def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside(harness):
     assert first == samples[1]["mean_ms"] / samples[1]["fresh_mean_ms"]
     assert last == samples[2]["mean_ms"] / samples[2]["fresh_mean_ms"]
     assert change == last / first - 1 and s["rss_spread"] >= 0
+
+
+def test_duel_needs_two_runtimes_and_the_memory_for_them(harness, tiny_checkpoint, monkeypatch):
+    import argparse
+
+    bench, checkpoint = harness
+    monkeypatch.setattr(bench, "BandwidthProbe", lambda: lambda: 20e9)
+    weights = 4 * checkpoint.parameter_count(TINY)
+    one = argparse.Namespace(runtimes=["rg_mlx"], decode_rounds=2, budget=60)
+    results, probes = bench.run_config("tiny", tiny_checkpoint, one, [8], 4, weights)
+    assert probes == [] and "rounds" not in results["rg_mlx"]["decode"]  # measured once, by the worker
+    two = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
+    monkeypatch.setattr(bench, "available_bytes", lambda: int(2.5 * 1.3 * weights))  # not three models
+    results, probes = bench.run_config("tiny", tiny_checkpoint, two, [8], 4, weights)
+    assert probes == [] and all("rounds" not in r["decode"] for r in results.values())

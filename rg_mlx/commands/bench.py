@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode speed (default 32)")
     parser.add_argument(
-        "--decode-rounds", type=int, default=3,
+        "--decode-rounds", type=int, default=4,
         help="rg_mlx and mlx-lm+blas measure decode in this many rounds, taking turns, and report the median "
-        "(default 3; 0: each once, right after its prompts)",
+        "(default 4; 0: each once, right after its prompts; also 0 where memory cannot hold both models and one more)",
     )
     parser.add_argument(
         "--work-dir", type=Path, default=Path("~/.cache/rg_mlx/bench").expanduser(),
