@@ -235,13 +235,13 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     ours = results.get("rg_mlx")
     if not ours or "error" in ours:
         return "\n".join(out)
-    out.append("\nrg_mlx compared with each peer (times better: higher speed, shorter TTFT, smaller RSS and state)\n")
-    head = ["peer"] + [f"prompt {n}" for n in lengths] + ([f"TTFT {lengths[0]}"] if lengths else [])
-    head += ["decode", "peak RSS", "state"]
-    out += [_row(head), _row(["---"] * len(head))]
-    for runtime, r in results.items():
-        if runtime == "rg_mlx" or "error" in r:
-            continue
+    peers = {runtime: r for runtime, r in results.items() if runtime != "rg_mlx" and "error" not in r}
+    if peers:
+        out.append("\nrg_mlx compared with each peer (times better: higher speed, shorter TTFT, smaller RSS and state)\n")
+        head = ["peer"] + [f"prompt {n}" for n in lengths] + ([f"TTFT {lengths[0]}"] if lengths else [])
+        head += ["decode", "peak RSS", "state"]
+        out += [_row(head), _row(["---"] * len(head))]
+    for runtime, r in peers.items():
         cells = [f"{_label(runtime, r)}, {r['dtype']}"]
         for n in lengths:
             cells.append(f"{ours['prompt'][str(n)]['tok_s'] / r['prompt'][str(n)]['tok_s']:.2f}x")
@@ -256,7 +256,7 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     bound = bandwidth / per_token
     out.append(
         f"\nDecode bound: {bandwidth / 1e9:.1f} GB/s read bandwidth"
-        f"{' (median of the probes of the decode rounds)' if decode_rounds else ''} / "
+        f" ({'median of the probes of the decode rounds' if decode_rounds else 'probed before the first runtime'}) / "
         f"{per_token / 1e9:.2f} GB read per token "
         f"(weights + state) = {bound:.2f} tok/s; rg_mlx decodes at {ours['decode']['tok_s']:.2f} tok/s = "
         f"{100 * ours['decode']['tok_s'] / bound:.0f}% of it."
@@ -338,10 +338,8 @@ def run(args: argparse.Namespace) -> int:
                           "(or leave it out with --runtimes rg_mlx,mlx-lm,mlx-lm+blas)")
     start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"# rg_mlx benchmark\n\nMachine: {machine()}; load average at start {load:.2f}")
-    bandwidth = BandwidthProbe()()
-    print(f"Memory read bandwidth: {bandwidth / 1e9:.1f} GB/s\n")
-    report = {"machine": machine(), "bandwidth": bandwidth, "configs": {}}
+    print(f"# rg_mlx benchmark\n\nMachine: {machine()}; load average at start {load:.2f}\n")
+    report = {"machine": machine(), "configs": {}}
     for config in args.configs:
         disk_dtype, lengths, decode = CONFIG_PLAN[config]
         lengths = args.prompt_lengths if lengths is None else lengths
@@ -349,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         folder = args.work_dir / f"{config}-{disk_dtype}"
         print(f"[{config}] checkpoint {folder} ...", file=sys.stderr, flush=True)
         write_checkpoint(config, folder, dtype=disk_dtype)
+        bandwidth = BandwidthProbe()()  # the bound where there are no decode rounds
         weight_bytes = 4 * _parameter_count(config)  # float32 compute
         results, probes = run_config(config, folder, args, lengths, decode, weight_bytes)
         params = _parameter_count(config)
@@ -356,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         print(tables(config, results, lengths, statistics.median(probes) if probes else bandwidth, weight_bytes,
                      decode_rounds=len(probes)) + "\n", flush=True)
         report["configs"][config] = {"params": params, "prompt_lengths": lengths, "results": results,
-                                     "bandwidth_probes": probes}
+                                     "bandwidth_at_start": bandwidth, "bandwidth_probes": probes}
     total = time.perf_counter() - start
     print(f"Total time {total / 60:.1f} min; load average at end {os.getloadavg()[0]:.2f}")
     if args.json:

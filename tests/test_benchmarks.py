@@ -128,6 +128,8 @@ def test_duel_needs_two_runtimes_and_the_memory_for_them(harness, tiny_checkpoin
     one = argparse.Namespace(runtimes=["rg_mlx"], decode_rounds=2, budget=60)
     results, probes = bench.run_config("tiny", tiny_checkpoint, one, [8], 4, weights)
     assert probes == [] and "rounds" not in results["rg_mlx"]["decode"]  # measured once, by the worker
+    text = bench.tables("tiny", results, [8], 20e9, weights)
+    assert "compared with each peer" not in text and "(probed before the first runtime)" in text
     two = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
     monkeypatch.setattr(bench, "available_bytes", lambda: int(2.5 * 1.3 * weights))  # not three models
     results, probes = bench.run_config("tiny", tiny_checkpoint, two, [8], 4, weights)
