@@ -273,16 +273,22 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     return "\n".join(out)
 
 
+def duel_runtimes(runtimes: list[str], rounds: int, weight_bytes: int) -> list[str]:
+    """The runtimes whose decode is measured in rounds: those of DUEL asked for, if at least two, and
+    only where memory holds their idle processes and one more runtime (each needs ~1.3x the weights)."""
+    duel = [r for r in runtimes if r in DUEL]
+    free = available_bytes()  # 0: unknown
+    if len(duel) < 2 or not rounds or 0 < free < 1.3 * weight_bytes * (len(duel) + 1):
+        return []
+    return duel
+
+
 def run_config(config: str, folder: Path, args: argparse.Namespace, lengths: list[int], decode: int,
                weight_bytes: int) -> tuple[dict[str, dict], list[float]]:
     """Every runtime on one checkpoint, one after the other; the DUEL runtimes' decode is then measured
     in `args.decode_rounds` alternating rounds (`decode_rounds`). Returns the results and the rounds'
     bandwidth probes."""
-    duel = [r for r in args.runtimes if r in DUEL]
-    # The duel's workers stay up (idle) until the rounds: only where memory holds them and one more runtime.
-    free = available_bytes()  # 0: unknown
-    if len(duel) < 2 or not args.decode_rounds or 0 < free < 1.3 * weight_bytes * (len(duel) + 1):
-        duel = []
+    duel = duel_runtimes(args.runtimes, args.decode_rounds, weight_bytes)
     results, served, probes = {}, {}, []
     try:
         for runtime in args.runtimes:

@@ -119,18 +119,23 @@ def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside(harness):
     assert change == last / first - 1 and s["rss_spread"] >= 0
 
 
-def test_duel_needs_two_runtimes_and_the_memory_for_them(harness, tiny_checkpoint, monkeypatch):
-    import argparse
+def test_duel_needs_two_runtimes_rounds_and_the_memory_for_them(harness, monkeypatch):
+    bench, _ = harness
+    gb = 10**9
+    monkeypatch.setattr(bench, "available_bytes", lambda: 20 * gb)
+    both = ["rg_mlx", "mlx-lm", "mlx-lm+blas", "hf-float32"]
+    assert bench.duel_runtimes(both, 4, 4 * gb) == ["rg_mlx", "mlx-lm+blas"]  # 3 x 5.2 GB fit in 20
+    assert bench.duel_runtimes(both, 4, 6 * gb) == []  # 3 x 7.8 GB do not
+    assert bench.duel_runtimes(both, 0, 4 * gb) == []
+    assert bench.duel_runtimes(["rg_mlx", "hf-float32"], 4, 4 * gb) == []
+    monkeypatch.setattr(bench, "available_bytes", lambda: 0)  # unknown (no /proc/meminfo)
+    assert bench.duel_runtimes(both, 4, 6 * gb) == ["rg_mlx", "mlx-lm+blas"]
 
-    bench, checkpoint = harness
-    monkeypatch.setattr(bench, "BandwidthProbe", lambda: lambda: 20e9)
-    weights = 4 * checkpoint.parameter_count(TINY)
-    one = argparse.Namespace(runtimes=["rg_mlx"], decode_rounds=2, budget=60)
-    results, probes = bench.run_config("tiny", tiny_checkpoint, one, [8], 4, weights)
-    assert probes == [] and "rounds" not in results["rg_mlx"]["decode"]  # measured once, by the worker
-    text = bench.tables("tiny", results, [8], 20e9, weights)
-    assert "compared with each peer" not in text and "(probed before the first runtime)" in text
-    two = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
-    monkeypatch.setattr(bench, "available_bytes", lambda: int(2.5 * 1.3 * weights))  # not three models
-    results, probes = bench.run_config("tiny", tiny_checkpoint, two, [8], 4, weights)
-    assert probes == [] and all("rounds" not in r["decode"] for r in results.values())
+
+def test_tables_without_peers_or_rounds(harness):
+    bench, _ = harness
+    ours = {"dtype": "float32", "blas": "x", "prompt": {"8": {"tok_s": 80.0, "ttft_s": 0.1}},
+            "decode": {"tok_s": 5.0, "tokens": 4}, "load_s": 1.0, "peak_rss_bytes": 10**9, "state_bytes": 2**20}
+    text = bench.tables("tiny", {"rg_mlx": ours}, [8], 20e9, 4 * 10**9)
+    assert "compared with each peer" not in text and "rounds" not in text
+    assert "(probed before the first runtime)" in text and "= 5.00 tok/s; rg_mlx decodes at 5.00 tok/s = 100% of it" in text
