@@ -193,11 +193,11 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth: float, weight_bytes: int,
-           decode_rounds: int = 0) -> str:
+def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth: float, weight_bytes: int) -> str:
     """The markdown report of one configuration; `bandwidth` is the median probe of the decode rounds, if
-    there were any (`decode_rounds`)."""
+    some runtimes' decode was measured in rounds."""
     out = []
+    rounds = {n: r["decode"]["rounds"] for n, r in results.items() if "rounds" in r.get("decode", {})}
     head = ["runtime", "BLAS / backend", "dtype"] + [f"prompt {n} tok/s" for n in lengths]
     if lengths:
         head.append(f"TTFT {lengths[0]} s")
@@ -220,15 +220,14 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
             p = r["prompt"].get(str(lengths[0]))
             cells.append(_fmt(p and p["ttft_s"], 2, "~" if p and "extrapolated_from" in p else ""))
         d = r["decode"]
-        if "rounds" in d:
-            dueled = ", ".join(_label(n, x) for n, x in results.items() if "rounds" in x.get("decode", {}))
-            notes.add(f"decode of {dueled}: median of {decode_rounds} rounds in which they take turns, "
-                      "each after a bandwidth probe")
         if d.get("fewer_than_asked"):
             notes.add("* decode measured over fewer tokens (too slow for more)")
         cells += [_fmt(d["tok_s"], 2) + ("*" if d.get("fewer_than_asked") else ""), _fmt(r["load_s"]),
                   _fmt(r["peak_rss_bytes"] / 1e9, 2), _fmt(r["state_bytes"] / 2**20, 2)]
         out.append(_row(cells))
+    if rounds:
+        notes.add(f"decode of {', '.join(_label(n, results[n]) for n in rounds)}: median of "
+                  f"{len(next(iter(rounds.values())))} rounds in which they take turns, each after a bandwidth probe")
     notes.add("state: after the longest prompt timed (rg_mlx allocates its full attention window at the start)")
     out += [f"\n{n}" for n in sorted(notes)]
 
@@ -256,15 +255,14 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
     bound = bandwidth / per_token
     out.append(
         f"\nDecode bound: {bandwidth / 1e9:.1f} GB/s read bandwidth"
-        f" ({'median of the probes of the decode rounds' if decode_rounds else 'probed before the first runtime'}) / "
+        f" ({'median of the probes of the decode rounds' if rounds else 'probed before the first runtime'}) / "
         f"{per_token / 1e9:.2f} GB read per token "
         f"(weights + state) = {bound:.2f} tok/s; rg_mlx decodes at {ours['decode']['tok_s']:.2f} tok/s = "
         f"{100 * ours['decode']['tok_s'] / bound:.0f}% of it."
     )
-    rounds = [f"{_label(n, r)} {', '.join(_fmt(x, 2) for x in r['decode']['rounds'])}"
-              for n, r in results.items() if "rounds" in r.get("decode", {})]
     if rounds:
-        out.append(f"Decode rounds, tok/s: {'; '.join(rounds)}.")
+        each = [f"{_label(n, results[n])} {', '.join(_fmt(x, 2) for x in xs)}" for n, xs in rounds.items()]
+        out.append(f"Decode rounds, tok/s: {'; '.join(each)}.")
     timed = [n for n in lengths if "extrapolated_from" not in ours["prompt"][str(n)]]
     if len(timed) >= 2:
         a, b = timed[-2], timed[-1]
@@ -293,19 +291,22 @@ def run_config(config: str, folder: Path, args: argparse.Namespace, lengths: lis
     try:
         for runtime in args.runtimes:
             need = 1.3 * weight_bytes * (0.5 if RUNTIMES[runtime][1] == "bfloat16" else 1)
-            if available_bytes() and available_bytes() < need:
+            if 0 < available_bytes() < need:  # 0: unknown
                 results[runtime] = {"error": f"skipped: needs about {need / 1e9:.0f} GB of free memory"}
             else:
                 print(f"[{config}] {runtime} ...", file=sys.stderr, flush=True)
                 t = time.perf_counter()
                 # rg_mlx always runs in full: its prompt-time growth is one of the results.
                 budget = 1e9 if runtime == "rg_mlx" else args.budget
-                worker = Worker(folder, runtime, lengths, decode, budget, serve=runtime in duel)
-                results[runtime] = worker.reply()
-                if runtime in duel and "error" not in results[runtime]:
-                    served[runtime] = worker  # stays up (idle) until the decode rounds
+                if runtime in duel:
+                    worker = Worker(folder, runtime, lengths, decode, budget, serve=True)
+                    results[runtime] = worker.reply()
+                    if "error" in results[runtime]:
+                        worker.close()
+                    else:
+                        served[runtime] = worker  # stays up (idle) until the decode rounds
                 else:
-                    worker.close()
+                    results[runtime] = run_worker(folder, runtime, lengths, decode, budget)
                 print(f"[{config}] {runtime} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
             if served and runtime == duel[-1]:
                 print(f"[{config}] decode, {args.decode_rounds} rounds of {', '.join(served)} ...", file=sys.stderr,
@@ -358,8 +359,8 @@ def run(args: argparse.Namespace) -> int:
         results, probes = run_config(config, folder, args, lengths, decode, weight_bytes)
         params = _parameter_count(config)
         print(f"## {config}: {params / 1e9:.2f}B parameters, float32 weights {weight_bytes / 1e9:.2f} GB\n")
-        print(tables(config, results, lengths, statistics.median(probes) if probes else bandwidth, weight_bytes,
-                     decode_rounds=len(probes)) + "\n", flush=True)
+        bound_bandwidth = statistics.median(probes) if probes else bandwidth
+        print(tables(config, results, lengths, bound_bandwidth, weight_bytes) + "\n", flush=True)
         report["configs"][config] = {"params": params, "prompt_lengths": lengths, "results": results,
                                      "bandwidth_at_start": bandwidth, "bandwidth_probes": probes}
     total = time.perf_counter() - start

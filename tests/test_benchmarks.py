@@ -101,7 +101,7 @@ def test_bench_config_runs_the_duel_and_reports_it(harness, tiny_checkpoint, mon
     for name in ("rg_mlx", "mlx-lm+blas"):
         assert "error" not in results[name], results[name]
         assert len(results[name]["decode"]["rounds"]) == 2 and results[name]["decode"]["tok_s"] > 0
-    text = bench.tables("tiny", results, [8], 20e9, weights, decode_rounds=2)
+    text = bench.tables("tiny", results, [8], 20e9, weights)
     assert "median of 2 rounds" in text and "(median of the probes of the decode rounds)" in text
     assert "Decode rounds, tok/s: rg_mlx " in text and "mlx-lm (same BLAS) " in text
 
