@@ -15,10 +15,10 @@ import os
 import mlx.core as mx
 
 from rg_mlx.errors import RGError
-from .ops import linear_scan, rg_lru_ops, rg_lru_step
+from .ops import linear_scan, rg_lru_ops, rg_lru_step, with_defaults
 from .source import DTYPES, backend_kernels, fused_scan
 
-__all__ = ["rg_lru", "linear_scan", "rg_lru_ops", "rg_lru_step", "available_paths"]
+__all__ = ["rg_lru", "linear_scan", "rg_lru_ops", "rg_lru_step", "available_paths", "select_path", "with_defaults"]
 
 PATHS = ("ops", "metal", "cuda")
 
@@ -37,7 +37,8 @@ def available_paths() -> list[str]:
     return paths
 
 
-def _select_path(path: str | None, x: mx.array) -> str:
+def select_path(path: str | None, x: mx.array) -> str:
+    """The scan path `rg_lru` takes for `x`: `path`, else ``RG_MLX_SCAN``, else automatic (see above)."""
     path = path or os.environ.get("RG_MLX_SCAN") or "auto"
     if path not in ("auto",) + PATHS:
         raise RGError(f"unknown RG-LRU scan path {path!r}: set RG_MLX_SCAN to one of auto, {', '.join(PATHS)}")
@@ -75,7 +76,7 @@ def rg_lru(
     Returns:
         `y` `[B, T, L]` in `x.dtype` and the last state `[B, L]` in float32.
     """
-    path = _select_path(path, x)
+    path = select_path(path, x)
     if x.shape[1] == 1:
         return rg_lru_step(x, gate_x, gate_a, a_param, reset, h0)
     if path == "ops":

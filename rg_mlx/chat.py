@@ -28,7 +28,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import RGError
-from .generate import GenerationResponse, copy_state, feed, restore_state, state_bytes, stream_generate
+from .generate import GenerationResponse, feed, stream_generate
+from .state import AttentionState, copy_state, eval_state, restore_state, state_bytes
 from .tokenizer import Tokenizer
 
 DEFAULT_SETTINGS = {
@@ -42,7 +43,10 @@ DEFAULT_SETTINGS = {
     "seed": None,
     "stop": None,
 }
-FORMAT = "rg_mlx.chat/1"
+FORMAT = "rg_mlx.chat/2"
+# Version 1 stored the attention ring's key positions themselves (a large negative number for an
+# empty slot); version 2 stores `AttentionState.key_slots` (position + 1, 0 for empty).
+FORMAT_V1 = "rg_mlx.chat/1"
 
 
 @dataclass
@@ -227,14 +231,19 @@ class ChatSession:
         try:
             arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
             meta = json.loads(metadata["rg_mlx_chat"])
-            if meta.get("format") != FORMAT:
+            if meta.get("format") not in (FORMAT, FORMAT_V1):
                 raise ValueError(meta.get("format"))
         except Exception:
             raise RGError(f"{path}: not a chat session saved by rg_mlx") from None
         if meta["fingerprint"] != model_fingerprint(model, tokenizer):
             raise RGError(f"{path}: saved with a different model or tokenizer: load it with the model it was made with")
         session = cls(model, tokenizer, meta["system"], max_snapshots=meta["max_snapshots"], **meta["settings"])
-        restore_state(session._cache, [[None if n is None else arrays[n] for n in names] for names in meta["layout"]])
+        state = [[None if n is None else arrays[n] for n in names] for names in meta["layout"]]
+        if meta["format"] == FORMAT_V1:
+            for kind, slots in zip(model.args.layer_types, state):
+                if kind == "attention" and slots[2] is not None:
+                    slots[2] = AttentionState.slots_of(slots[2])
+        restore_state(session._cache, state)
         session._messages = meta["messages"]
         session._exchanges = [_Exchange(list(tokens), unfed) for tokens, unfed in meta["exchanges"]]
         session._replies = meta["replies"]
@@ -267,7 +276,7 @@ class ChatSession:
             tokens = prompt + tokenizer.encode(reply.strip(), add_bos=False)
             session._remember(k, copy_state(session._cache))
             feed(model, mx.array([tokens], dtype=mx.int32), session._cache)
-            mx.eval([c.state for c in session._cache])
+            eval_state(session._cache)
             session._exchanges.append(_Exchange(tokens, 0))
             session._messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         session._replies = len(session._exchanges)
@@ -326,7 +335,7 @@ class ChatSession:
         elif k > 0:  # beyond the kept snapshots: re-feed the recorded tokens
             tokens = self.tokens[: self.tokens_seen]
             feed(self.model, mx.array([tokens], dtype=mx.int32), self._cache)
-            mx.eval([c.state for c in self._cache])
+            eval_state(self._cache)
 
     def _close_active(self) -> None:
         reply = self._active() if self._active is not None else None

@@ -20,13 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import RGError
+from .state import copy_state, eval_state, restore_state, state_bytes
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
-
-State = list[list[mx.array | None]]
-
 
 @dataclass
 class GenerationResponse:
@@ -153,22 +151,6 @@ def wired_limit(model: nn.Module, streams: list[mx.Stream]):
     return wired_limit(model, streams)
 
 
-def copy_state(cache: list[ArraysCache]) -> State:
-    """A snapshot of the state: references to its (immutable) arrays, no copy of the data."""
-    return [list(c.cache) for c in cache]
-
-
-def restore_state(cache: list[ArraysCache], state: State) -> None:
-    """Put a snapshot from `copy_state` back into `cache`."""
-    for c, arrays in zip(cache, state):
-        c.cache = list(arrays)
-
-
-def state_bytes(cache: list[ArraysCache]) -> int:
-    """Bytes held by the state."""
-    return sum(c.nbytes for c in cache)
-
-
 def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int = 512) -> mx.array:
     """Run `tokens` `[B, T]` through the model in chunks of `step`, updating `cache` in place.
 
@@ -181,7 +163,7 @@ def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int
     with mx.stream(generation_stream()):
         for start in starts[:-1]:
             model.model(tokens[:, start : start + step], cache)
-            mx.eval([c.state for c in cache])
+            eval_state(cache)
             mx.clear_cache()
         hidden = model.model(tokens[:, starts[-1] :], cache)
         return model.logits(hidden[:, -1, :])

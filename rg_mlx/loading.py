@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import cpu
 from .config import ModelArgs
 from .errors import RGError
 from .model import Model
@@ -99,7 +100,7 @@ def _names(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Model:
+def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None) -> Model:
     """Load a RecurrentGemma model from a local folder (config.json + safetensors).
 
     Args:
@@ -108,6 +109,8 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
         dtype: compute dtype (an MLX dtype or its name); default float32 on the
             CPU, bfloat16 on a GPU. Quantized weights keep their packing; the
             recurrent state is float32 regardless.
+        accelerate: apply the CPU accelerations (`rg_mlx.cpu.accelerate`); default: where MLX runs
+            on the CPU, unless ``RG_MLX_ACCELERATE=0``.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -132,6 +135,8 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None) -> Mode
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     model.eval()
+    if cpu.wanted(accelerate):
+        cpu.accelerate(model)
     return model
 
 
@@ -179,7 +184,9 @@ def resolve(path_or_repo: str | Path) -> Path:
         raise RGError(f"{repo}: download failed ({str(e).splitlines()[0]}); retry, or use a local folder") from None
 
 
-def load(path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load(
+    path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None
+) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: `(model, tokenizer)`.
 
     Args:
@@ -187,9 +194,10 @@ def load(path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None) -> tu
             Face hub repo id (fetched through the hub cache; works offline once cached), or
             ``"demo"``: the tiny demo model bundled with rg_mlx.
         dtype: compute dtype, as in `load_model`.
+        accelerate: the CPU accelerations, as in `load_model`.
     """
     folder = resolve(path_or_repo)
-    model = load_model(folder, dtype=dtype)
+    model = load_model(folder, dtype=dtype, accelerate=accelerate)
     tokenizer = Tokenizer(folder / "tokenizer.model")
     if tokenizer.vocab_size > model.args.vocab_size:
         raise RGError(

@@ -1,37 +1,80 @@
-"""Griffin (RecurrentGemma), following DeepMind's reference implementation.
+"""Griffin (RecurrentGemma), as in the paper (arXiv 2402.19427) and DeepMind's reference code.
 
-Parameter names are Hugging Face's, so HF checkpoints and mlx-lm conversions load
-as they are. Every block takes `positions` `[B, T]`: the position of each token
-within its document (negative for left padding). A document starts where the
-position is 0: the RG-LRU restarts from zero there, and neither the conv nor the
-attention looks across the start.
+Plain MLX layers and ops, one small class per block. Parameter names are Hugging Face's, so
+Hugging Face checkpoints and mlx-lm conversions load as they are. Every block takes
+`positions` `[B, T]`: the position of each token within its document (negative in left
+padding). A document starts where the position is 0: the RG-LRU restarts from zero there, and
+neither the conv nor the attention looks across the start.
 
-The state kept per sequence is fixed in size: per attention layer a ring buffer
-of the last `window` keys and values, per recurrent layer the last 3 conv inputs
-and the float32 RG-LRU state `h`. It lives in mlx-lm `ArraysCache` objects, so
-mlx-lm's generation and prompt-cache files work on this model unchanged.
+The state kept per sequence is fixed in size (see `rg_mlx.state`): per attention layer a ring
+of the last `window` keys and values, per recurrent layer the last conv inputs and the float32
+RG-LRU state. It lives in mlx-lm `ArraysCache` objects, so mlx-lm's generation and prompt-cache
+files work on this model unchanged.
+
+Platforms change the built model, never this file: layers are swapped (as `nn.quantize` does)
+and the few operations inside the blocks that have faster equivalents are entries of the
+model's `Ops` table (`rg_mlx.cpu.accelerate` does both on the CPU).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .fast_math import gelu_mul, soft_cap
 from .kernels import rg_lru
-from .parallel import Linear, attention, elementwise, linear
+from .state import AttentionState, Caches, RecurrentState, make_cache, next_position, set_next_position
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
 
-# Position of an empty ring-buffer slot: outside every query's window.
-_EMPTY = -(2**30)
-# Queries per block in a long attention pass, so memory stays linear in T.
-_ATTN_BLOCK = 1024
+# Queries per block in a long attention pass, so that its memory stays linear in T.
+ATTENTION_BLOCK = 1024
+
+
+# -- The replaceable operations ---------------------------------------------------------------
+
+
+def gelu_gate(y: mx.array, x: mx.array) -> mx.array:
+    """`gelu(y) * x`, GELU in its tanh form (as the checkpoints were trained)."""
+    return nn.gelu_approx(y) * x
+
+
+def soft_cap(logits: mx.array, cap: float) -> mx.array:
+    """`tanh(logits / cap) * cap`."""
+    return mx.tanh(logits / cap) * cap
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """Softmax attention of `q` `[B, H, T, D]` over `k`, `v` `[B, H_kv, S, D]` where `mask` `[B, 1, T, S]`."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def ring(state: AttentionState, positions: mx.array, window: int) -> tuple[mx.array, mx.array, mx.array]:
+    """What an attention layer reads of its ring before the new keys: keys, values, key positions."""
+    return state.keys, state.values, state.key_positions
+
+
+@dataclass
+class Ops:
+    """The operations inside the blocks that a platform may replace after the model is built.
+
+    The defaults are the paper's formulas in plain MLX; a replacement computes the same function
+    (the tests hold both to DeepMind's reference). One instance is shared by all blocks of a model.
+    """
+
+    gelu_gate: Callable[[mx.array, mx.array], mx.array] = gelu_gate
+    soft_cap: Callable[[mx.array, float], mx.array] = soft_cap
+    attention: Callable[..., mx.array] = attention
+    rg_lru: Callable[..., tuple[mx.array, mx.array]] = rg_lru
+    ring: Callable[[AttentionState, mx.array, int], tuple[mx.array, mx.array, mx.array]] = ring
+
+
+# -- The blocks ---------------------------------------------------------------------------------
 
 
 def embedding_scale(width: int) -> float:
@@ -40,6 +83,8 @@ def embedding_scale(width: int) -> float:
 
 
 class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`."""
+
     def __init__(self, dims: int, eps: float = 1e-6):
         super().__init__()
         self.weight = mx.zeros((dims,))
@@ -50,22 +95,23 @@ class RMSNorm(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """Gated MLP: down(gelu_tanh(gate(x)) * up(x))."""
+    """Gated MLP: `down(gelu(gate(x)) * up(x))`."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, ops: Ops):
         super().__init__()
-        self.gate_proj = Linear(width, hidden)
-        self.up_proj = Linear(width, hidden)
-        self.down_proj = Linear(hidden, width)
+        self.gate_proj = nn.Linear(width, hidden)
+        self.up_proj = nn.Linear(width, hidden)
+        self.down_proj = nn.Linear(hidden, width)
+        self.ops = ops
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(elementwise(gelu_mul, self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.gelu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class Conv1D(nn.Module):
-    """Causal depthwise temporal conv: out[t] = b + sum_s x[t-s] * w[K-1-s], never across a document start.
+    """Causal depthwise temporal conv: `out[t] = b + sum_s x[t-s] w[K-1-s]`, never across a document start.
 
-    The weight is stored `[L, K, 1]` (mlx-lm's layout); state is the last K-1 inputs.
+    The weight is stored `[L, K, 1]` (mlx-lm's layout); the state is the last K-1 inputs.
     """
 
     def __init__(self, width: int, temporal_width: int = 4):
@@ -78,8 +124,8 @@ class Conv1D(nn.Module):
         K = self.weight.shape[1]
         if state is None:
             state = mx.zeros((B, K - 1, L), x.dtype)
-        xp = mx.concatenate([state.astype(x.dtype), x], axis=1)
-        w = self.weight[:, :, 0].astype(x.dtype)
+        xp = mx.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, L]
+        w = self.weight[:, :, 0].astype(x.dtype)  # [L, K]
         out = xp[:, K - 1 :] * w[:, K - 1]
         for s in range(1, K):
             tap = xp[:, K - 1 - s : K - 1 - s + T] * w[:, K - 1 - s]
@@ -88,9 +134,14 @@ class Conv1D(nn.Module):
 
 
 class RGLRU(nn.Module):
-    """Real-Gated Linear Recurrent Unit: h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t * x_t)."""
+    """Real-Gated Linear Recurrent Unit (paper eq. 1-4), c = 8:
 
-    def __init__(self, width: int, num_heads: int):
+    `r_t = sigmoid(W_a x_t + b_a)`, `i_t = sigmoid(W_x x_t + b_x)`, `a_t = a^(c r_t)` with
+    `log a = -softplus(recurrent_param)`, `h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)`; the gates are
+    block-diagonal, one block per head. The recurrence runs in float32 (`rg_mlx.kernels.rg_lru`).
+    """
+
+    def __init__(self, width: int, num_heads: int, ops: Ops):
         super().__init__()
         self.num_heads = num_heads
         bw = width // num_heads
@@ -99,6 +150,7 @@ class RGLRU(nn.Module):
         self.input_gate_bias = mx.zeros((num_heads, bw))
         self.recurrent_gate_weight = mx.zeros((num_heads, bw, bw))
         self.recurrent_gate_bias = mx.zeros((num_heads, bw))
+        self.ops = ops
 
     def _block_diagonal(self, x: mx.array, w: mx.array, b: mx.array) -> mx.array:
         B, T, L = x.shape
@@ -109,30 +161,31 @@ class RGLRU(nn.Module):
     def __call__(self, x: mx.array, positions: mx.array, h: mx.array | None) -> tuple[mx.array, mx.array]:
         gate_x = self._block_diagonal(x, self.input_gate_weight, self.input_gate_bias)
         gate_a = self._block_diagonal(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
-        return rg_lru(x, gate_x, gate_a, self.recurrent_param, reset=positions == 0, h0=h)
+        return self.ops.rg_lru(x, gate_x, gate_a, self.recurrent_param, reset=positions == 0, h0=h)
 
 
 class RecurrentBlock(nn.Module):
-    """Temporal block of the recurrent layers: linear_out(rg_lru(conv(linear_x(x))) * gelu(linear_y(x)))."""
+    """The temporal block of the recurrent layers: `linear_out(rg_lru(conv(linear_x(x))) * gelu(linear_y(x)))`."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
         W, L = args.hidden_size, args.lru_width
-        self.linear_y = Linear(W, L)
-        self.linear_x = Linear(W, L)
-        self.linear_out = Linear(L, W)
+        self.linear_y = nn.Linear(W, L)
+        self.linear_x = nn.Linear(W, L)
+        self.linear_out = nn.Linear(L, W)
         self.conv_1d = Conv1D(L, args.conv1d_width)
-        self.rg_lru = RGLRU(L, args.num_attention_heads)
+        self.rg_lru = RGLRU(L, args.num_attention_heads, ops)
+        self.ops = ops
 
     def __call__(self, x: mx.array, positions: mx.array, cache: ArraysCache | None) -> mx.array:
-        conv_state, h = (cache[0], cache[1]) if cache is not None else (None, None)
+        state = RecurrentState(cache) if cache is not None else None
         y = self.linear_y(x)
         x = self.linear_x(x)
-        x, conv_state = self.conv_1d(x, positions, conv_state)
-        x, h = self.rg_lru(x, positions, h)
-        if cache is not None:
-            cache[0], cache[1] = conv_state, h
-        return self.linear_out(elementwise(gelu_mul, y, x))
+        x, conv = self.conv_1d(x, positions, state.conv if state else None)
+        x, h = self.rg_lru(x, positions, state.h if state else None)
+        if state:
+            state.conv, state.h = conv, h
+        return self.linear_out(self.ops.gelu_gate(y, x))
 
 
 def apply_rope(x: mx.array, positions: mx.array, dims: int, base: float) -> mx.array:
@@ -155,9 +208,9 @@ def window_mask(q_pos: mx.array, k_pos: mx.array, window: int) -> mx.array:
 
 
 class LocalAttentionBlock(nn.Module):
-    """Local multi-query attention with RoPE on half of each head's dims."""
+    """Local multi-query attention with RoPE on the first half of each head's dims."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
         W, H, D = args.hidden_size, args.num_attention_heads, args.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, args.num_key_value_heads, D
@@ -165,46 +218,33 @@ class LocalAttentionBlock(nn.Module):
         self.rope_dims = int(D * args.partial_rotary_factor)
         self.rope_base = args.rope_theta
         self.scale = D**-0.5
-        self.q_proj = Linear(W, H * D, bias=False)
-        self.k_proj = Linear(W, self.num_kv_heads * D, bias=False)
-        self.v_proj = Linear(W, self.num_kv_heads * D, bias=False)
-        self.o_proj = Linear(H * D, W, bias=True)
+        self.q_proj = nn.Linear(W, H * D, bias=False)
+        self.k_proj = nn.Linear(W, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(W, self.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(H * D, W, bias=True)
+        self.ops = ops
 
     def __call__(self, x: mx.array, positions: mx.array, cache: ArraysCache | None) -> mx.array:
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, T, D]
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, kv, T, D]
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         q = apply_rope(q, positions, self.rope_dims, self.rope_base)
         k = apply_rope(k, positions, self.rope_dims, self.rope_base)
 
-        past = self._past(cache, positions) if cache is not None and cache[0] is not None else None
+        state = AttentionState(cache) if cache is not None else None
+        past = self.ops.ring(state, positions, self.window) if state and state.keys is not None else None
         out = self._attend(q, k, v, positions, past)
-        if cache is not None:
-            self._update_ring(cache, k, v, positions)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.o_proj(out)
-
-    def _past(self, cache: ArraysCache, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """The ring's keys, values and key positions; while it is still filling, only its filled slots.
-
-        Position p >= 0 sits in slot p % window, so until a row's next position reaches `window`,
-        the slots from the largest next position on hold only left padding or nothing, which no
-        query of a document sees. Reading that bound is a sync, so a decode step on a GPU (queued
-        ahead of the previous one) skips it.
-        """
-        keys, values, k_pos = cache[0], cache[1], cache[2]
-        if positions.shape[1] > 1 or mx.default_device().type == mx.DeviceType.cpu:
-            filled = max(0, positions[:, 0].max().item())
-            if filled < self.window:
-                return keys[:, :, :filled], values[:, :, :filled], k_pos[:, :filled]
-        return keys, values, k_pos
+        if state:
+            self._update_ring(state, k, v, positions)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
     def _attend(self, q, k, v, positions, past) -> mx.array:
+        """Attention over the ring's keys (`past`) and this call's, in blocks of queries."""
         T = q.shape[2]
         outs = []
-        for s in range(0, T, _ATTN_BLOCK):
-            e = min(T, s + _ATTN_BLOCK)
+        for s in range(0, T, ATTENTION_BLOCK):
+            e = min(T, s + ATTENTION_BLOCK)
             lo = max(0, s - self.window)
             keys, values, k_pos = k[:, :, lo:e], v[:, :, lo:e], positions[:, lo:e]
             if past is not None and s < self.window:
@@ -212,41 +252,39 @@ class LocalAttentionBlock(nn.Module):
                 values = mx.concatenate([past[1], values], axis=2)
                 k_pos = mx.concatenate([past[2], k_pos], axis=1)
             mask = window_mask(positions[:, s:e], k_pos, self.window)
-            outs.append(attention(q[:, :, s:e], keys, values, self.scale, mask))
+            outs.append(self.ops.attention(q[:, :, s:e], keys, values, self.scale, mask))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-    def _update_ring(self, cache: ArraysCache, k, v, positions) -> None:
-        """Write the last min(T, window) keys/values into slots `position % window`."""
+    def _update_ring(self, state: AttentionState, k: mx.array, v: mx.array, positions: mx.array) -> None:
+        """Write the last min(T, window) keys and values into the slots `position % window`."""
         B, n_kv, T, D = k.shape
         W = self.window
-        if cache[0] is None:
-            keys = mx.zeros((B, n_kv, W, D), k.dtype)
-            values = mx.zeros((B, n_kv, W, D), v.dtype)
-            k_pos = mx.full((B, W), _EMPTY, mx.int32)
-        else:
-            keys, values, k_pos = cache[0], cache[1], cache[2]
+        if state.keys is None:
+            state.keys = mx.zeros((B, n_kv, W, D), k.dtype)
+            state.values = mx.zeros((B, n_kv, W, D), v.dtype)
+            state.key_slots = mx.zeros((B, W), mx.int32)
         n = min(T, W)
         pos = positions[:, T - n :]
         slots = mx.remainder(pos, W)  # [B, n], distinct within a row
         idx = slots[:, None, :, None]
-        cache[0] = mx.put_along_axis(keys, idx, k[:, :, T - n :], axis=2)
-        cache[1] = mx.put_along_axis(values, idx, v[:, :, T - n :], axis=2)
-        cache[2] = mx.put_along_axis(k_pos, slots, pos.astype(mx.int32), axis=1)
+        state.keys = mx.put_along_axis(state.keys, idx, k[:, :, T - n :], axis=2)
+        state.values = mx.put_along_axis(state.values, idx, v[:, :, T - n :], axis=2)
+        state.key_slots = mx.put_along_axis(state.key_slots, slots, AttentionState.slots_of(pos), axis=1)
 
 
 class ResidualBlock(nn.Module):
-    """r = x + temporal(norm(x)); out = r + mlp(norm(r))."""
+    """`r = x + temporal(norm(x)); out = r + mlp(norm(r))`."""
 
-    def __init__(self, args: ModelArgs, block_type: str):
+    def __init__(self, args: ModelArgs, block_type: str, ops: Ops):
         super().__init__()
         self.temporal_block_type = block_type
         self.temporal_pre_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if block_type == "recurrent":
-            self.temporal_block = RecurrentBlock(args)
+            self.temporal_block = RecurrentBlock(args, ops)
         else:
-            self.temporal_block = LocalAttentionBlock(args)
+            self.temporal_block = LocalAttentionBlock(args, ops)
         self.channel_pre_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp_block = MLPBlock(args.hidden_size, args.mlp_width)
+        self.mlp_block = MLPBlock(args.hidden_size, args.mlp_width, ops)
 
     def __call__(self, x: mx.array, positions: mx.array, cache: ArraysCache | None) -> mx.array:
         r = x + self.temporal_block(self.temporal_pre_norm(x), positions, cache)
@@ -254,33 +292,27 @@ class ResidualBlock(nn.Module):
 
 
 class Griffin(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Embedding (scaled by sqrt(width) in bfloat16), the residual blocks, the final norm."""
+
+    def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [ResidualBlock(args, t) for t in args.layer_types]
+        self.layers = [ResidualBlock(args, t, ops) for t in args.layer_types]
         self.final_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.scale = embedding_scale(args.hidden_size) if args.embeddings_scale_by_sqrt_dim else None
 
-    def __call__(self, tokens: mx.array, cache: list[ArraysCache] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Caches | None = None) -> mx.array:
         B, T = tokens.shape
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens)  # [B, T, W]
         if self.scale is not None:
             x = x * mx.array(self.scale, x.dtype)
-        start = _next_position(cache, B)
-        positions = start[:, None] + mx.arange(T, dtype=mx.int32)
+        start = next_position(cache, B)
+        positions = start[:, None] + mx.arange(T, dtype=mx.int32)  # [B, T]
         for i, layer in enumerate(self.layers):
-            c = cache[i] if cache is not None else None
-            x = layer(x, positions, c)
-            if c is not None:
-                c[-1] = start + T
+            x = layer(x, positions, cache[i] if cache is not None else None)
+        if cache is not None:
+            set_next_position(cache, start + T)
         return self.final_norm(x)
-
-
-def _next_position(cache: list[ArraysCache] | None, batch: int) -> mx.array:
-    if cache is None or cache[0][-1] is None:
-        return mx.zeros((batch,), mx.int32)
-    pos = cache[0][-1]
-    return pos if pos.shape[0] == batch else mx.broadcast_to(pos, (batch,))
 
 
 class Model(nn.Module):
@@ -290,38 +322,26 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = Griffin(args)
+        self.ops = Ops()
+        self.model = Griffin(args, self.ops)
 
-    def __call__(self, tokens: mx.array, cache: list[ArraysCache] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Caches | None = None) -> mx.array:
         return self.logits(self.model(tokens, cache))
 
     def logits(self, hidden: mx.array) -> mx.array:
-        """Tied output layer and soft cap: `tanh(h E^T / cap) * cap`."""
-        embed = self.model.embed_tokens
-        logits = linear(hidden, embed.weight) if isinstance(embed, nn.Embedding) else embed.as_linear(hidden)
+        """The tied output layer and soft cap: `tanh(h E^T / cap) * cap`."""
+        logits = self.model.embed_tokens.as_linear(hidden)
         cap = self.args.logits_soft_cap
-        return soft_cap(logits, cap) if cap else logits
+        return self.ops.soft_cap(logits, cap) if cap else logits
 
     @property
     def layers(self) -> list[ResidualBlock]:
         return self.model.layers
 
-    def make_cache(self, left_padding: list[int] | None = None) -> list[ArraysCache]:
-        """A fresh fixed-size state: one `ArraysCache` per layer, filled on the first call.
-
-        Recurrent layers hold `[conv_state, h, next_position]`, attention layers
-        `[keys, values, key_positions, next_position]`. With `left_padding`, row i
-        starts its document after `left_padding[i]` padding tokens.
-        """
-        from mlx_lm.models.cache import ArraysCache
-
-        caches = []
-        for layer in self.layers:
-            c = ArraysCache(3 if layer.temporal_block_type == "recurrent" else 4)
-            if left_padding is not None:
-                c[-1] = -mx.array(left_padding, dtype=mx.int32)
-            caches.append(c)
-        return caches
+    def make_cache(self, left_padding: list[int] | None = None) -> Caches:
+        """A fresh fixed-size state (see `rg_mlx.state`); with `left_padding`, row i starts its
+        document after `left_padding[i]` padding tokens."""
+        return make_cache(self.args.layer_types, left_padding)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint layouts onto ours: drop the tied `lm_head`, conv weight `[L,1,K]` -> `[L,K,1]`."""

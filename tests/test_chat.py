@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_tiny_model
 from rg_mlx import ChatSession, RGError, load
-from rg_mlx.generate import copy_state, restore_state
+from rg_mlx.state import copy_state, restore_state
 
 MESSAGES = ["Hello!", "How are you today?", "Tell me about RecurrentGemma.", "Thanks, bye."]
 
@@ -248,3 +248,24 @@ def test_settings_and_reset(loaded):
     assert "".join(r.text for r in session.regenerate(max_tokens=3)) == before
     session.reset()
     assert session.history == [] and session.tokens_seen == 0 and session.tokens == []
+
+
+def test_sessions_saved_by_format_1_still_load(loaded, tmp_path):
+    # Format 1 stored the ring's key positions themselves, -2**30 for an empty slot.
+    import json
+
+    model, tokenizer = loaded
+    a = ChatSession(model, tokenizer, max_tokens=6)
+    chat(a, MESSAGES[0])
+    a.save(tmp_path / "v2.safetensors")
+    arrays, metadata = mx.load(str(tmp_path / "v2.safetensors"), return_metadata=True)
+    meta = json.loads(metadata["rg_mlx_chat"])
+    meta["format"] = "rg_mlx.chat/1"
+    for i, kind in enumerate(model.args.layer_types):
+        if kind == "attention":
+            slots = arrays[f"state.{i}.2"]
+            arrays[f"state.{i}.2"] = mx.where(slots == 0, -(2**30), slots - 1).astype(mx.int32)
+    mx.save_safetensors(str(tmp_path / "v1.safetensors"), arrays, metadata={"rg_mlx_chat": json.dumps(meta)})
+    b = ChatSession.load(tmp_path / "v1.safetensors", model, tokenizer)
+    assert_same_state(a, b)
+    assert chat(a, MESSAGES[1]) == chat(b, MESSAGES[1])

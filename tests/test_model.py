@@ -8,9 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import rg_mlx.cpu.parallel as parallel
 import rg_mlx.model as model_mod
-import rg_mlx.parallel as parallel
-from rg_mlx import ModelArgs, RGError, load_model, preset
+from rg_mlx import ModelArgs, RGError, cpu, load_model, preset
+from rg_mlx.state import RecurrentState, state_bytes
 from reference import dm_to_hf, reference_logits, reference_model, save_hf_folder
 
 WINDOW = 8
@@ -22,13 +23,17 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[(c, a) for c in CONFIGS for a in ("plain", "accelerated")], ids="-".join)
 def pair(request, tmp_path_factory):
-    """(DeepMind reference, our model loaded from an HF-layout folder, tokens [2, T], reference logits)."""
-    ref, cfg = reference_model(window=WINDOW, **CONFIGS[request.param])
-    folder = save_hf_folder(tmp_path_factory.mktemp(request.param), cfg, dm_to_hf(ref.state_dict(), cfg))
+    """(DeepMind reference, our model loaded from an HF-layout folder, tokens [2, T], reference logits), for
+    the plain model and the one with the CPU accelerations applied."""
+    name, kind = request.param
+    ref, cfg = reference_model(window=WINDOW, **CONFIGS[name])
+    folder = save_hf_folder(tmp_path_factory.mktemp(name), cfg, dm_to_hf(ref.state_dict(), cfg))
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, T))
-    return ref, load_model(folder, dtype="float32"), tokens, reference_logits(ref, tokens)
+    model = load_model(folder, dtype="float32", accelerate=kind == "accelerated")
+    assert cpu.accelerated(model) == (kind == "accelerated")
+    return ref, model, tokens, reference_logits(ref, tokens)
 
 
 def test_full_pass_matches_reference(pair):
@@ -39,7 +44,7 @@ def test_full_pass_matches_reference(pair):
 
 def test_blockwise_long_attention_matches_reference(pair, monkeypatch):
     # Long inputs attend in query blocks; force tiny blocks to exercise the block edges.
-    monkeypatch.setattr(model_mod, "_ATTN_BLOCK", 5)
+    monkeypatch.setattr(model_mod, "ATTENTION_BLOCK", 5)
     _, model, tokens, expected = pair
     assert np.abs(np.array(model(mx.array(tokens))) - expected).max() <= 1e-4
 
@@ -56,14 +61,18 @@ def test_chunked_prefill_then_decode_matches_reference(pair, chunk):
 
 def test_decode_split_over_cpu_streams_matches_reference(pair, monkeypatch):
     # Decode-sized products of large weights run split over CPU streams; force it for tiny weights.
+    split = []
     monkeypatch.setattr(parallel, "MIN_BYTES", 0)
     monkeypatch.setattr(parallel._blas, "threaded_row_products", lambda: False)
+    run = parallel._on_streams
+    monkeypatch.setattr(parallel, "_on_streams", lambda n, part: split.append(n) or run(n, part))
     _, model, tokens, expected = pair
     cache = model.make_cache()
     prefill = 2 * WINDOW + 3
     outs = [np.array(model(mx.array(tokens[:, :prefill]), cache=cache))]
     outs += [np.array(model(mx.array(tokens[:, t : t + 1]), cache=cache)) for t in range(prefill, T)]
     assert np.abs(np.concatenate(outs, axis=1) - expected).max() <= 1e-4
+    assert bool(split) == cpu.accelerated(model)
 
 
 @pytest.mark.parametrize("chunk", [3, 12])
@@ -96,8 +105,8 @@ def test_bfloat16_agrees_and_state_stays_float32(tmp_path):
     assert agreement >= 0.99
     for layer, c in zip(model.layers, cache):
         if layer.temporal_block_type == "recurrent":
-            assert c[1].dtype == mx.float32  # RG-LRU state h
-            assert c[0].dtype == mx.bfloat16  # conv state in model dtype
+            assert RecurrentState(c).h.dtype == mx.float32
+            assert RecurrentState(c).conv.dtype == mx.bfloat16  # the model dtype
 
 
 def test_matches_hugging_face_within_window(tmp_path):
@@ -134,7 +143,7 @@ def test_state_bytes_do_not_grow(tiny_model_dir):
             model.model(mx.array(rng.integers(0, 400, (1, n))), cache)
             mx.eval([c.state for c in cache])
             seen += n
-        sizes.append(sum(c.nbytes for c in cache))
+        sizes.append(state_bytes(cache))
     assert sizes[0] == sizes[1] == sizes[2] > 0
 
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import rg_mlx.parallel as parallel
+import rg_mlx.cpu.parallel as parallel
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_not_split_where_the_blas_threads_one_row_products_itself(monkeypatch, c
 def test_linear_layer_keeps_nn_linear_parameters_and_quantizes():
     import mlx.nn as nn
 
-    layer = parallel.Linear(64, 8)
+    layer = parallel.SplitLinear(64, 8)
     assert isinstance(layer, nn.Linear) and set(dict(layer.parameters())) == {"weight", "bias"}
     x = mx.ones((1, 1, 64))
     assert np.allclose(np.array(layer(x)), np.array(x @ layer.weight.T + layer.bias), atol=1e-6)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _blas
+from .. import _blas
 
 # Split only products of at most this many rows by weights of at least this many bytes.
 MAX_ROWS = 8
@@ -83,11 +83,18 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return mx.concatenate(parts, axis=-1)
 
 
-class Linear(nn.Linear):
+class SplitLinear(nn.Linear):
     """`nn.Linear` whose decode-sized products are split over CPU streams (see `linear`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return linear(x, self.weight, self["bias"] if "bias" in self else None)
+
+
+class SplitEmbedding(nn.Embedding):
+    """`nn.Embedding` whose use as the tied output layer (`as_linear`) is split like `linear`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return linear(x, self.weight)
 
 
 def elementwise(fn: Callable[..., Any], *arrays: mx.array) -> Any:

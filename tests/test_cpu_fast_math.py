@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from rg_mlx import fast_math
+from rg_mlx.cpu import fast_math
 
 X = mx.concatenate([mx.linspace(-60, 60, 48001), mx.array([0.0, 1e-30, -1e-30, 1e-6, -3e-4, 7.9, -8.0, 30.0])])
 

@@ -1,0 +1,101 @@
+"""CPU accelerations, applied to a built model by `accelerate` (the model itself never imports them).
+
+On MLX's CPU backend a product with one row (a decode step) runs on one thread, elementwise
+kernels run on one thread and evaluate `tanh`/`exp`/`sigmoid` one libm call at a time, and
+attention is an unfused reference. `accelerate` keeps the model's math and changes how it runs:
+
+- layers are swapped as `nn.quantize` swaps them: `nn.Linear` -> `parallel.SplitLinear` and the tied
+  output layer `nn.Embedding` -> `parallel.SplitEmbedding`, whose decode-sized products of large
+  weights are split over one CPU stream per core where the BLAS runs them on one thread;
+- entries of the model's `Ops` table are replaced by `rg_mlx.cpu.ops`: GELU gating and the soft cap
+  as compiled polynomial math (`fast_math`), the RG-LRU's gate math likewise, a long prompt's
+  elementwise passes and attention split over the CPU streams, and a still-filling attention ring
+  read only up to its filled slots.
+
+`rg_mlx.load` applies it when the model runs on the CPU; `RG_MLX_ACCELERATE=0` (or
+`load(..., accelerate=False)`) keeps the plain model. The Linux BLAS and malloc settings are a
+separate, process-wide part of the fast path (`rg_mlx._blas`, `RG_MLX_BLAS`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from ..errors import RGError
+
+ENV_VAR = "RG_MLX_ACCELERATE"
+
+
+def wanted(accelerate: bool | None = None) -> bool:
+    """Whether to accelerate: `accelerate` if given, else ``RG_MLX_ACCELERATE`` (1/0), else when MLX's
+    default device is the CPU."""
+    if accelerate is not None:
+        return accelerate
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value:
+        raise RGError(f"{ENV_VAR}={value!r}: use 1 (on) or 0 (off), or unset it (on where MLX runs on the CPU)")
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def swap_layers(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None]) -> int:
+    """Replace leaf modules the way `nn.quantize` does: `replace(path, module)` returns the new module
+    or None to keep it. Returns how many were replaced."""
+    count = 0
+
+    def visit(path: str, module: nn.Module) -> nn.Module:
+        nonlocal count
+        new = replace(path, module)
+        if new is None:
+            return module
+        count += 1
+        return new
+
+    model.update_modules(tree_map_with_path(visit, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    return count
+
+
+def recast(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A module of class `cls` (a subclass changing only methods) holding `module`'s parameters and settings."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    dict.update(new, module)
+    return new
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Apply the CPU accelerations to a built `rg_mlx.Model` in place (see the module docstring); returns it.
+
+    The logits stay those of the plain model (to float32 rounding). Applying it twice changes nothing.
+    """
+    from . import ops, parallel
+
+    def split(path: str, module: nn.Module) -> nn.Module | None:
+        if type(module) is nn.Linear:
+            return recast(module, parallel.SplitLinear)
+        if type(module) is nn.Embedding:
+            return recast(module, parallel.SplitEmbedding)
+        return None
+
+    swap_layers(model, split)
+    model.ops.gelu_gate = ops.gelu_gate
+    model.ops.soft_cap = ops.soft_cap
+    model.ops.attention = ops.attention
+    model.ops.rg_lru = ops.rg_lru
+    model.ops.ring = ops.filled_ring
+    return model
+
+
+def accelerated(model: nn.Module) -> bool:
+    """Whether `accelerate` was applied to `model`."""
+    from . import ops
+
+    return model.ops.rg_lru is ops.rg_lru
