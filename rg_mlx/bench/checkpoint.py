@@ -7,8 +7,8 @@ import math
 import shutil
 from pathlib import Path
 
-from rg_mlx.config import ModelArgs, preset
-from rg_mlx.model import initial_weight
+from ..config import ModelArgs, preset
+from ..model import Model, initial_weight
 
 # "bench": the 2B widths with 6 layers (R R A R R A) and the full vocabulary, about 1.1B parameters.
 CONFIGS: dict[str, ModelArgs] = {
@@ -31,8 +31,6 @@ _SHARD_BYTES = 2 << 30
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Hugging Face tensor names and shapes (conv weight in HF's `[L, 1, 4]` layout)."""
     from mlx.utils import tree_flatten
-
-    from rg_mlx.model import Model
 
     shapes = {name: tuple(p.shape) for name, p in tree_flatten(Model(args).parameters())}
     for name, shape in shapes.items():
