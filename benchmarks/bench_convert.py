@@ -72,7 +72,8 @@ for i in range(n):
     dm[f"{d}.temporal_pre_norm.scale"] = g("temporal_pre_norm.weight")
     dm[f"{d}.channel_pre_norm.scale"] = g("channel_pre_norm.weight")
     dm[f"{d}.mlp_block.ffw_up.w"] = torch.stack([g("mlp_block.gate_proj.weight").T, g("mlp_block.up_proj.weight").T])
-    dm[f"{d}.mlp_block.ffw_up.b"] = torch.stack([g("mlp_block.gate_proj.bias"), g("mlp_block.up_proj.bias")])[:, None, None]
+    biases = [g("mlp_block.gate_proj.bias"), g("mlp_block.up_proj.bias")]
+    dm[f"{d}.mlp_block.ffw_up.b"] = torch.stack(biases)[:, None, None]
     dm[f"{d}.mlp_block.ffw_down.weight"] = g("mlp_block.down_proj.weight")
     dm[f"{d}.mlp_block.ffw_down.bias"] = g("mlp_block.down_proj.bias")
     if f"{h}.temporal_block.linear_x.weight" in hf:
@@ -167,7 +168,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if not (folder / "info.json").exists():
-        made = subprocess.run([sys.executable, "-c", MAKE, str(folder), json.dumps(config)], check=True, capture_output=True, text=True)
+        made = subprocess.run([sys.executable, "-c", MAKE, str(folder), json.dumps(config)], check=True,
+                              capture_output=True, text=True)
         params, largest = map(int, made.stdout.split())
         subprocess.run([sys.executable, "-c", TO_PT, str(folder)], check=True)
         big_tokenizer(folder / "tokenizer.model", tests, config["vocab_size"])
@@ -181,14 +183,15 @@ def main() -> None:
         ("HF safetensors -> 4-bit", folder / "hf", {"quantize": True}, False),
         ("DeepMind .pt -> bfloat16", folder / "model.pt", {}, True),
     ]
-    print(f"{'case':28s} {'wall s':>7s} {'peak RSS':>9s} {'peak anon':>9s} {'imports':>8s} {'bits/w':>6s} {'on disk':>8s}")
+    print(f"{'case':28s} {'wall s':>7s} {'peak RSS':>9s} {'peak anon':>9s} {'imports':>8s} {'bits/w':>6s} "
+          f"{'on disk':>8s}")
     for name, source, kwargs, torch in cases:
         base = measure(source, folder / "unused", {}, torch, run=False)
         out = folder / "out"
         r = measure(source, out, {**kwargs, "force": True, "tokenizer": str(folder / "tokenizer.model")}, torch)
         print(
-            f"{name:28s} {r['seconds']:7.1f} {gib(r['peak_kib']):9s} {gib(r['anon_kib']):9s} {gib(base['peak_kib']):8s} "
-            f"{r['bits_per_weight']:6.2f} {r['size_bytes'] / 2**30:4.2f} GiB"
+            f"{name:28s} {r['seconds']:7.1f} {gib(r['peak_kib']):9s} {gib(r['anon_kib']):9s} "
+            f"{gib(base['peak_kib']):8s} {r['bits_per_weight']:6.2f} {r['size_bytes'] / 2**30:4.2f} GiB"
         )
     if tmp is not None:
         tmp.cleanup()

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
+
+from rg_mlx.errors import RGError
+from rg_mlx.quant import DEFAULTS, MODES, QuantSpec
+
+
+def _per_mode(index: int) -> str:
+    """What each quantization mode takes: its bits (index 0) or its group sizes (1), from `rg_mlx.quant.MODES`."""
+    return "; ".join(f"{mode} {'|'.join(map(str, takes[index]))}" for mode, takes in MODES.items())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT", help="folder to create")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
-    parser.add_argument("--q-bits", type=int, default=4, help="bits per quantized weight: 4 or 8 (default 4)")
-    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group: 32, 64 or 128 (default 64)")
+    parser.add_argument("--q-mode", choices=list(MODES), help="MLX quantization mode (default affine)")
+    bits, group_size = DEFAULTS["affine"]
+    parser.add_argument(
+        "--q-bits", type=int, help=f"bits per weight, by mode: {_per_mode(0)} (default {bits} for affine)"
+    )
+    parser.add_argument(
+        "--q-group-size", type=int,
+        help=f"weights per quantization group, by mode: {_per_mode(1)} (default {group_size} for affine)",
+    )
     parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model to copy (default: beside SOURCE)")
     parser.add_argument("--window", type=int, help="attention window (a .pt holds none; default: the preset's, 2048)")
     parser.add_argument("--soft-cap", type=float, help="logits soft cap (a .pt holds none; default: the preset's, 30)")
@@ -25,6 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Bad quantization flags fail here, with status 2 like argparse's own errors, before anything is read.
+    flags = {"--q-mode": args.q_mode, "--q-bits": args.q_bits, "--q-group-size": args.q_group_size}
+    given = [flag for flag, value in flags.items() if value is not None]
+    try:
+        if given and not args.quantize:
+            raise RGError(f"{given[0]} needs -q/--quantize")
+        if args.quantize:
+            QuantSpec(args.q_mode or "affine", args.q_bits, args.q_group_size)
+    except RGError as e:
+        print(f"rg-mlx convert: error: {e}", file=sys.stderr)
+        return 2
+
     from huggingface_hub.utils import tqdm
 
     from rg_mlx.convert import convert
@@ -54,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             q_bits=args.q_bits,
             q_group_size=args.q_group_size,
+            q_mode=args.q_mode or "affine",
             tokenizer=args.tokenizer,
             overrides=overrides,
             upload_repo=args.upload_repo,
@@ -66,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     q = result.quantization
-    dtype = result.dtype + (f", {q['bits']}-bit quantized (group size {q['group_size']})" if q else "")
+    dtype = result.dtype + (f", quantized {q.describe()}" if q else "")
     shards = len(result.files)
     print(
         f"converted {args.source} -> {result.path} in {result.seconds:.1f} s\n"

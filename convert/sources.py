@@ -16,16 +16,14 @@ from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
 
+from rg_mlx import hub, quant
 from rg_mlx.config import ModelArgs, preset
-from rg_mlx.errors import RGError
-from rg_mlx.loading import read_config, read_weights
+from rg_mlx.errors import RGError, first_line
+from rg_mlx.loading import read_config_json, read_weights
 from rg_mlx.model import Model
 
-# What a hub download fetches: the config, the weights, the SentencePiece model.
-HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
 # Files that mark a DeepMind Flax/Orbax checkpoint folder.
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint", "commit_success.txt")
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class Tensor(NamedTuple):
@@ -44,17 +42,6 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     tokenizer: Path | None
     base_model: str | None = None
-
-
-@dataclass
-class TokenizerInfo:
-    """What conversion needs from a SentencePiece `tokenizer.model`."""
-
-    path: Path
-    vocab_size: int
-    bos_id: int
-    eos_ids: list[int]
-    pad_id: int
 
 
 def open_checkpoint(source: str | Path) -> Checkpoint:
@@ -82,40 +69,18 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         if pts:
             raise RGError(f"{source}: holds several .pt files ({', '.join(p.name for p in pts)}): pass one of them")
         raise RGError(f"{source}: no config.json and no .pt file: not a RecurrentGemma checkpoint folder")
-    if REPO_ID.fullmatch(str(source)) and not str(source).startswith("."):
-        checkpoint = open_hf_folder(download(str(source)))
+    if hub.is_repo_id(str(source)):
+        checkpoint = open_hf_folder(hub.download(str(source)))
         checkpoint.base_model = str(source)
         return checkpoint
     raise RGError(f"{source}: no such file or folder (and not a hub repo id such as google/recurrentgemma-2b-it)")
 
 
-def download(repo_id: str) -> Path:
-    """The local snapshot of hub repo `repo_id` (downloaded into the HF cache if needed; HF_TOKEN honoured)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except GatedRepoError:
-        raise RGError(
-            f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id} and set HF_TOKEN "
-            "(or run `hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise RGError(f"{repo_id}: no such hub repo (or it is private: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise RGError(
-            f"{repo_id}: not (fully) in the local Hugging Face cache and the hub cannot be reached: "
-            "connect (unset HF_HUB_OFFLINE) or pass a local folder"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise RGError(f"{repo_id}: download failed ({first_line(e)}): check the connection and retry") from None
-
-
 def open_hf_folder(folder: Path) -> Checkpoint:
     """A Hugging Face-format folder: `config.json` (any spelling) and safetensors, sharded or not."""
-    args = read_config(folder)
-    if args.quantization:
+    config = read_config_json(folder)
+    args = ModelArgs.from_dict(config)
+    if quant.read(config) is not None:
         raise RGError(f"{folder}: already quantized: convert the original checkpoint instead")
     weights = Model(args).sanitize(read_weights(folder))  # lazy: nothing is read yet
     tensors = {name: Tensor(tuple(a.shape), a.dtype, lambda a=a: a) for name, a in weights.items()}
@@ -237,26 +202,3 @@ def _torch_tensor(t) -> Tensor:
         return mx.array(t.numpy())
 
     return Tensor(tuple(t.shape), getattr(mx, str(t.dtype).removeprefix("torch.")), load)
-
-
-def tokenizer_info(path: Path) -> TokenizerInfo:
-    """Vocabulary size and special ids of a SentencePiece `tokenizer.model` (eos ids: `<eos>`, `<end_of_turn>`)."""
-    import sentencepiece as spm
-
-    if not path.is_file():
-        raise RGError(f"{path}: no such tokenizer file")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except (OSError, RuntimeError) as e:
-        raise RGError(f"{path}: not a SentencePiece tokenizer.model ({first_line(e)})") from None
-    eos_ids = [sp.eos_id()]
-    end_of_turn = sp.piece_to_id("<end_of_turn>")
-    if end_of_turn != sp.unk_id():
-        eos_ids.append(end_of_turn)
-    return TokenizerInfo(path, sp.get_piece_size(), sp.bos_id(), eos_ids, sp.pad_id())
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an exception message (library errors can span many)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

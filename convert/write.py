@@ -20,7 +20,7 @@ from rg_mlx.errors import RGError
 
 MAX_SHARD_BYTES = 5 << 30
 INDEX_FILE = "model.safetensors.index.json"
-_CODES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
+_CODES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
 _UINT = {2: mx.uint16, 4: mx.uint32}  # same-size integer views: NumPy has no bfloat16
 
 
@@ -60,7 +60,9 @@ class WeightsWriter:
         self.folder = folder
         shards = plan_shards(specs, max_shard_bytes)
         n = len(shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         self._pending = list(zip(self.files, shards))
         self._queue: list[TensorSpec] = []
         self._file: BinaryIO | None = None
@@ -107,7 +109,10 @@ class WeightsWriter:
         """Check that every planned tensor was written, then write the index."""
         if self._queue or self._pending:
             raise RGError("internal error: conversion ended before every planned tensor was written")
-        index = {"metadata": {"total_size": self.total_bytes, **metadata}, "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes, **metadata},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=4))
         return self.files
 
@@ -122,9 +127,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
 
 
-def write_generation_config(folder: Path, bos_id: int, eos_ids: list[int], pad_id: int) -> None:
-    """`generation_config.json`: stop on every eos id (`<eos>` and `<end_of_turn>`)."""
-    write_json(folder / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids, "pad_token_id": pad_id})
+def write_generation_config(folder: Path, bos_id: int | None, eos_ids: list[int], pad_id: int | None) -> None:
+    """`generation_config.json`: stop on every eos id (`<eos>` and `<end_of_turn>`); ids the tokenizer lacks
+    are left out."""
+    ids = {"bos_token_id": bos_id, "eos_token_id": eos_ids, "pad_token_id": pad_id}
+    write_json(folder / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
 
 
 def write_model_card(folder: Path, *, name: str, base_model: str | None, description: str) -> None:

@@ -6,24 +6,37 @@ import glob
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import cpu, hub, quant
 from .config import ModelArgs
-from .errors import RGError
+from .errors import RGError, first_line
 from .model import Model
 from .tokenizer import Tokenizer
 
+# The compute dtypes, and the floating-point dtypes a checkpoint may store.
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class TensorLike(Protocol):
+    """What `check_tensors` compares: an `mx.array`, or a checkpoint tensor not yet read."""
+
+    shape: Sequence[int]
+    dtype: mx.Dtype
 
 
 def default_dtype() -> mx.Dtype:
     """bfloat16 where a GPU runs MLX, float32 on the CPU (MLX's CPU bfloat16 matmul is slow)."""
     gpu = mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
     return mx.bfloat16 if gpu and mx.default_device() == mx.gpu else mx.float32
+
+
+def dtype_name(dtype: mx.Dtype | str) -> str:
+    """``"bfloat16"`` for `mx.bfloat16` (or its str)."""
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
@@ -34,14 +47,14 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
         if dtype not in DTYPES.values():
             raise RGError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
         return dtype
-    name = str(dtype).removeprefix("mlx.core.")
+    name = dtype_name(dtype)
     if name not in DTYPES:
         raise RGError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def read_config(folder: str | Path) -> ModelArgs:
-    """Parse `config.json` in `folder`."""
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` in `folder`."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise RGError(f"{folder}: no config.json: not a model folder (convert a checkpoint with `rg-mlx convert`)")
@@ -49,11 +62,20 @@ def read_config(folder: str | Path) -> ModelArgs:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RGError(f"{path}: unreadable config ({e})") from None
-    return ModelArgs.from_dict(config)
+    if not isinstance(config, dict):
+        raise RGError(f"{path}: not a config (a JSON object expected)")
+    return config
+
+
+def read_config(folder: str | Path) -> ModelArgs:
+    """The model configuration in `folder`'s `config.json`."""
+    return ModelArgs.from_dict(read_config_json(folder))
 
 
 def read_weights(folder: str | Path) -> dict[str, mx.array]:
-    """All tensors of the `*.safetensors` files in `folder` (shards listed by an index file or globbed)."""
+    """All tensors of the `*.safetensors` files in `folder` (shards listed by an index file or globbed).
+
+    The arrays are lazy: their data is read when they are evaluated."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -73,31 +95,42 @@ def read_weights(folder: str | Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(f))
         except Exception as e:  # MLX raises plain exceptions for truncated/corrupt files
-            raise RGError(f"{f}: cannot read safetensors ({str(e).splitlines()[0]}); the file is truncated or corrupt") from None
+            raise RGError(f"{f}: cannot read safetensors ({first_line(e)}); the file is truncated or corrupt") from None
     return weights
 
 
-def _check_weights(model: nn.Module, weights: dict[str, mx.array], folder: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
+def check_tensors(tensors: Mapping[str, TensorLike], expected: Mapping[str, TensorLike], source: str | Path) -> None:
+    """Check a checkpoint's tensors against a built model's parameters (`tree_flatten(model.parameters())`).
+
+    The names must match exactly, and every shape; a floating-point parameter needs a float32, bfloat16 or
+    float16 tensor (it is cast when loaded), any other (packed quantized weights, 8-bit scales) its own dtype.
+    Anything else raises one `RGError` naming `source` and the first tensors that differ.
+    """
+    missing = [n for n in expected if n not in tensors]
+    unknown = [n for n in tensors if n not in expected]
     if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"missing {_names(missing)}")
-        if unknown:
-            parts.append(f"unexpected {_names(unknown)}")
-        raise RGError(f"{folder}: tensors do not match config.json: {'; '.join(parts)}")
-    for name, value in weights.items():
-        if value.shape != expected[name].shape:
+        parts = [f"missing {_names(missing)}"] if missing else []
+        parts += [f"unknown {_names(unknown)}"] if unknown else []
+        raise RGError(f"{source}: tensors do not match the config: {'; '.join(parts)}")
+    for name, want in expected.items():
+        have = tensors[name]
+        if tuple(have.shape) != tuple(want.shape):
             raise RGError(
-                f"{folder}: tensor {name} has shape {tuple(value.shape)}, config.json implies {tuple(expected[name].shape)}"
+                f"{source}: tensor {name} has shape {tuple(have.shape)}, the config implies {tuple(want.shape)}"
+            )
+        if mx.issubdtype(want.dtype, mx.floating):
+            if have.dtype not in DTYPES.values():
+                raise RGError(
+                    f"{source}: tensor {name} has dtype {dtype_name(have.dtype)}: expected one of {', '.join(DTYPES)}"
+                )
+        elif have.dtype != want.dtype:
+            raise RGError(
+                f"{source}: tensor {name} has dtype {dtype_name(have.dtype)}: expected {dtype_name(want.dtype)}"
             )
 
 
 def _names(names: list[str], n: int = 4) -> str:
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None) -> Model:
@@ -105,7 +138,7 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
 
     Args:
         path: a folder converted by `rg-mlx convert`, saved by Hugging Face
-            (`save_pretrained`), or converted by mlx-lm.
+            (`save_pretrained`), or converted by mlx-lm (quantized ones included).
         dtype: compute dtype (an MLX dtype or its name); default float32 on the
             CPU, bfloat16 on a GPU. Quantized weights keep their packing; the
             recurrent state is float32 regardless.
@@ -116,19 +149,15 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
     if not folder.is_dir():
         raise RGError(f"{path}: no such model folder")
     dtype = parse_dtype(dtype)
-    args = read_config(folder)
+    config = read_config_json(folder)
+    args = ModelArgs.from_dict(config)
+    quantization = quant.read(config)
     model = Model(args)
     weights = model.sanitize(read_weights(folder))
 
-    if args.quantization:
-        q = args.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
-    _check_weights(model, weights, folder)
+    if quantization is not None:
+        quant.apply(model, quantization, weights)
+    check_tensors(weights, dict(tree_flatten(model.parameters())), folder)
     weights = {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
@@ -150,38 +179,12 @@ def resolve(path_or_repo: str | Path) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
-    repo = str(path_or_repo)
-    parts = repo.split("/")
-    if len(parts) != 2 or not all(parts) or repo.startswith((".", "~")):
+    if not hub.is_repo_id(str(path_or_repo)):
         raise RGError(
-            f"{repo}: no such model folder (give a converted folder, or a hub repo id like google/recurrentgemma-2b-it)"
+            f"{path_or_repo}: no such model folder (give a converted folder, or a hub repo id like "
+            "google/recurrentgemma-2b-it)"
         )
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-    except GatedRepoError:
-        raise RGError(
-            f"{repo}: gated on the Hugging Face hub: accept its license on huggingface.co and log in (`hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise RGError(
-            f"{repo}: no such repo on the Hugging Face hub (or it is private: log in with `hf auth login`)"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise RGError(
-            f"{repo}: not in the Hugging Face cache and the hub is unreachable or offline (HF_HUB_OFFLINE): "
-            f"download it online (`hf download {repo}`) or convert a checkpoint to a folder with `rg-mlx convert`"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise RGError(f"{repo}: download failed ({str(e).splitlines()[0]}); retry, or use a local folder") from None
+    return hub.download(str(path_or_repo))
 
 
 def load(

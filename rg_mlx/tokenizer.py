@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import RGError
+from .errors import RGError, first_line
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
 
@@ -45,7 +45,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
-            raise RGError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+            raise RGError(f"{path}: not a SentencePiece model ({first_line(e)})") from None
         self.path = path
         self.vocab_size: int = self.sp.get_piece_size()
         self.pad_id = self._special("<pad>", self.sp.pad_id())
@@ -53,7 +53,9 @@ class Tokenizer:
         self.bos_id = self._special("<bos>", self.sp.bos_id())
         self.start_of_turn_id = self._special("<start_of_turn>")
         self.end_of_turn_id = self._special("<end_of_turn>")
-        self.stop_ids: frozenset[int] = frozenset(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        # The ids that end a reply, `<eos>` first (generation_config.json's `eos_token_id` lists them so).
+        self.eos_ids: tuple[int, ...] = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        self.stop_ids: frozenset[int] = frozenset(self.eos_ids)
 
     def _special(self, piece: str, fallback: int = -1) -> int | None:
         i = self.sp.piece_to_id(piece)

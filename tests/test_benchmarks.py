@@ -1,30 +1,20 @@
-"""The benchmark harness end to end on a tiny checkpoint: every runtime's worker runs and reports."""
+"""The benchmark harness (rg_mlx.bench) end to end on a tiny checkpoint: every runtime's worker runs and reports."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from rg_mlx import ModelArgs
+from rg_mlx.bench import checkpoint, long_chat, speed
 
 TINY = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                  block_types=["recurrent", "recurrent", "attention"], attention_window_size=16, logits_soft_cap=30.0)
 
 
 @pytest.fixture(scope="module")
-def harness():
-    """`benchmarks.bench` and `benchmarks.checkpoint` (the checkout's root is on sys.path only for the import)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-        return importlib.import_module("benchmarks.bench"), importlib.import_module("benchmarks.checkpoint")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(harness, tmp_path_factory):
-    _, checkpoint = harness
+def tiny_checkpoint(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(checkpoint.CONFIGS, "tiny", TINY)
         return checkpoint.write_checkpoint("tiny", tmp_path_factory.mktemp("bench") / "tiny-float32")
@@ -35,11 +25,10 @@ RUNTIMES = {"rg_mlx": True, "mlx-lm": False, "mlx-lm+blas": True, "hf-float32": 
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
-def test_worker_measures_each_runtime(harness, tiny_checkpoint, runtime):
-    bench, checkpoint = harness
+def test_worker_measures_each_runtime(tiny_checkpoint, runtime):
     if runtime.startswith("hf") and importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers not installed")
-    r = bench.run_worker(tiny_checkpoint, runtime, prompt_lengths=[8, 24], decode_tokens=4, budget=60)
+    r = speed.run_worker(tiny_checkpoint, runtime, prompt_lengths=[8, 24], decode_tokens=4, budget=60)
     assert "error" not in r, r
     assert r["params"] == checkpoint.parameter_count(TINY)
     assert set(r["prompt"]) == {"8", "24"} and all(p["tok_s"] > 0 and "extrapolated_from" not in p
@@ -50,9 +39,8 @@ def test_worker_measures_each_runtime(harness, tiny_checkpoint, runtime):
     assert r["fast_path"] == RUNTIMES[runtime]
 
 
-def test_served_worker_measures_decode_on_request(harness, tiny_checkpoint):
-    bench, _ = harness
-    worker = bench.Worker(tiny_checkpoint, "rg_mlx", [8], decode_tokens=4, budget=60, serve=True)
+def test_served_worker_measures_decode_on_request(tiny_checkpoint):
+    worker = speed.Worker(tiny_checkpoint, "rg_mlx", [8], decode_tokens=4, budget=60, serve=True)
     try:
         report = worker.reply()
         assert "error" not in report, report
@@ -65,8 +53,7 @@ def test_served_worker_measures_decode_on_request(harness, tiny_checkpoint):
     assert worker.proc.returncode == 0
 
 
-def test_decode_rounds_alternate_and_take_the_median(harness):
-    bench, _ = harness
+def test_decode_rounds_alternate_and_take_the_median():
     probes = iter([20e9, 30e9, 25e9])
 
     class Fake:
@@ -82,61 +69,85 @@ def test_decode_rounds_alternate_and_take_the_median(harness):
             return {"tok_s": next(self.rates), "tokens": 4}
 
     workers = {"a": Fake("a", [3.0, 9.0, 4.0]), "b": Fake("b", [5.0, 1.0, 2.0])}
-    rates, seen = bench.decode_rounds(workers, 3, probe=lambda: next(probes))
+    rates, seen = speed.decode_rounds(workers, 3, probe=lambda: next(probes))
     assert seen == [20e9, 30e9, 25e9]
     assert Fake.calls == ["a", "b", "b", "a", "a", "b"]  # who goes first alternates
     assert rates == {"a": {"tok_s": 4.0, "tokens": 4, "rounds": [3.0, 9.0, 4.0]},
                      "b": {"tok_s": 2.0, "tokens": 4, "rounds": [5.0, 1.0, 2.0]}}
 
 
-def test_bench_config_runs_the_duel_and_reports_it(harness, tiny_checkpoint, monkeypatch):
+def test_bench_config_runs_the_duel_and_reports_it(tiny_checkpoint, monkeypatch):
     import argparse
 
-    bench, checkpoint = harness
-    monkeypatch.setattr(bench, "BandwidthProbe", lambda: lambda: 20e9)
+    monkeypatch.setattr(speed, "BandwidthProbe", lambda: lambda: 20e9)
     args = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
     weights = 4 * checkpoint.parameter_count(TINY)
-    results, probes = bench.run_config("tiny", tiny_checkpoint, args, [8], 4, weights)
+    results, probes = speed.run_config("tiny", tiny_checkpoint, args, [8], 4, weights)
     assert probes == [20e9, 20e9]
     for name in ("rg_mlx", "mlx-lm+blas"):
         assert "error" not in results[name], results[name]
         assert len(results[name]["decode"]["rounds"]) == 2 and results[name]["decode"]["tok_s"] > 0
-    text = bench.tables("tiny", results, [8], 20e9, weights)
+    text = speed.tables("tiny", results, [8], 20e9, weights)
     assert "median of 2 rounds" in text and "(median of the probes of the decode rounds)" in text
     assert "Decode rounds, tok/s: rg_mlx " in text and "mlx-lm (same BLAS) " in text
 
 
-def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside(harness):
-    bench_memory = importlib.import_module("benchmarks.bench_memory")
-    samples = bench_memory.run_chat("demo", total=300, every=100, seed=0)
+def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside():
+    samples = long_chat.run_chat("demo", total=300, every=100, seed=0)
     assert [s["tokens"] for s in samples] == [100, 200, 300]
     assert all(s["rss_bytes"] > 0 and s["mean_ms"] > 0 and s["fresh_mean_ms"] > 0 for s in samples[1:])
     assert samples[-1]["tokens_seen"] >= 300  # the fresh chat's tokens are not the long chat's
-    s = bench_memory.spread(samples, warmup=100)
+    s = long_chat.spread(samples, warmup=100)
     first, last, change = s["relative"]
     assert first == samples[1]["mean_ms"] / samples[1]["fresh_mean_ms"]
     assert last == samples[2]["mean_ms"] / samples[2]["fresh_mean_ms"]
     assert change == last / first - 1 and s["rss_spread"] >= 0
 
 
-def test_duel_needs_two_runtimes_rounds_and_the_memory_for_them(harness, monkeypatch):
-    bench, _ = harness
+def test_duel_needs_two_runtimes_rounds_and_the_memory_for_them(monkeypatch):
     gb = 10**9
-    monkeypatch.setattr(bench, "available_bytes", lambda: 20 * gb)
+    monkeypatch.setattr(speed, "available_bytes", lambda: 20 * gb)
     both = ["rg_mlx", "mlx-lm", "mlx-lm+blas", "hf-float32"]
-    assert bench.duel_runtimes(both, 4, 4 * gb) == ["rg_mlx", "mlx-lm+blas"]  # 3 x 5.2 GB fit in 20
-    assert bench.duel_runtimes(both, 4, 6 * gb) == []  # 3 x 7.8 GB do not
-    assert bench.duel_runtimes(both, 0, 4 * gb) == []
-    assert bench.duel_runtimes(["rg_mlx", "hf-float32"], 4, 4 * gb) == []
-    monkeypatch.setattr(bench, "available_bytes", lambda: 0)  # unknown (no /proc/meminfo)
-    assert bench.duel_runtimes(both, 4, 6 * gb) == ["rg_mlx", "mlx-lm+blas"]
+    assert speed.duel_runtimes(both, 4, 4 * gb) == ["rg_mlx", "mlx-lm+blas"]  # 3 x 5.2 GB fit in 20
+    assert speed.duel_runtimes(both, 4, 6 * gb) == []  # 3 x 7.8 GB do not
+    assert speed.duel_runtimes(both, 0, 4 * gb) == []
+    assert speed.duel_runtimes(["rg_mlx", "hf-float32"], 4, 4 * gb) == []
+    monkeypatch.setattr(speed, "available_bytes", lambda: 0)  # unknown (no /proc/meminfo)
+    assert speed.duel_runtimes(both, 4, 6 * gb) == ["rg_mlx", "mlx-lm+blas"]
 
 
-def test_tables_without_peers_or_rounds(harness):
-    bench, _ = harness
+def test_tables_without_peers_or_rounds():
     ours = {"dtype": "float32", "blas": "x", "prompt": {"8": {"tok_s": 80.0, "ttft_s": 0.1}},
             "decode": {"tok_s": 5.0, "tokens": 4}, "load_s": 1.0, "peak_rss_bytes": 10**9, "state_bytes": 2**20}
-    text = bench.tables("tiny", {"rg_mlx": ours}, [8], 20e9, 4 * 10**9)
+    text = speed.tables("tiny", {"rg_mlx": ours}, [8], 20e9, 4 * 10**9)
     assert "compared with each peer" not in text and "rounds" not in text
     assert "(probed before the first runtime)" in text
     assert "= 5.00 tok/s; rg_mlx decodes at 5.00 tok/s = 100% of it" in text
+
+
+def test_peers_not_installed_are_skipped_with_a_note(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    kept, notes = speed.installed(["rg_mlx", "hf-float32", "mlx-lm", "hf-bfloat16"])
+    assert kept == ["rg_mlx", "mlx-lm"]
+    assert notes == ["transformers not installed: skipping hf-float32, hf-bfloat16 (pip install 'rg-mlx[dev]')"]
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert speed.installed(["rg_mlx", "hf-float32"]) == (["rg_mlx", "hf-float32"], [])
+
+
+def test_the_package_never_imports_the_checkouts_benchmarks():
+    """Nothing installed imports `benchmarks/` (or the tests): `rg-mlx bench` must work from a wheel."""
+    import ast
+    from pathlib import Path
+
+    packages = ["rg_mlx", "rg_mlx.kernels", "rg_mlx.convert", "rg_mlx.app"]
+    folders = [Path(importlib.util.find_spec(p).submodule_search_locations[0]) for p in packages]
+    imported = set()
+    for file in (f for folder in folders for f in folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {(file.name, a.name.split(".")[0]) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add((file.name, node.module.split(".")[0]))
+    assert {(f, m) for f, m in imported if m in ("benchmarks", "tests", "conftest", "reference")} == set()

@@ -158,7 +158,9 @@ def test_mlx_lm_loads_the_converted_folder(tiny_model_dir, tmp_path):
     from mlx_lm.utils import load_model as mlx_lm_load
 
     tokens = mx.array(np.random.RandomState(2).randint(0, 400, size=(2, 12)), dtype=mx.int32)  # T < window 16
-    for name, kwargs in [("float", {}), ("sharded", {"max_shard_bytes": 40_000}), ("q4", {"quantize": True})]:
+    cases = [("float", {}), ("sharded", {"max_shard_bytes": 40_000}), ("q4", {"quantize": True}),
+             ("mxfp4", {"quantize": True, "q_mode": "mxfp4"})]
+    for name, kwargs in cases:
         out = convert(tiny_model_dir, tmp_path / name, **kwargs).path
         theirs, _ = mlx_lm_load(out)
         ours = load_model(out, dtype="float32")
@@ -167,7 +169,8 @@ def test_mlx_lm_loads_the_converted_folder(tiny_model_dir, tmp_path):
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*-of-*.safetensors"))
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
-    np.testing.assert_array_equal(logits(tmp_path / "sharded", np.array(tokens)), logits(tmp_path / "float", np.array(tokens)))
+    np.testing.assert_array_equal(logits(tmp_path / "sharded", np.array(tokens)),
+                                  logits(tmp_path / "float", np.array(tokens)))
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +217,8 @@ def test_quantized_8_and_4_bit(trained_like, tmp_path, capsys):
         assert cli_main(["convert", str(trained_like), str(out), "-q", "--q-bits", str(bits)]) == 0
         summary = capsys.readouterr().out
         config = json.loads((out / "config.json").read_text())
-        assert config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": bits, "mode": "affine"}
+        expected = {"group_size": 64, "bits": bits, "mode": "affine"}
+        assert config["quantization"] == config["quantization_config"] == expected
 
         weights = mx.load(str(out / "model.safetensors"))
         assert weights["model.embed_tokens.weight"].dtype == mx.uint32  # the tied output layer is quantized too
@@ -245,6 +249,25 @@ def test_quantized_8_and_4_bit(trained_like, tmp_path, capsys):
     assert 0.75 <= agreement[4] < agreement[8]  # 4-bit loses more, but is still the same model
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+def test_quantized_fp_modes(trained_like, tmp_path, mode):
+    """MLX's floating-point modes: 8-bit exponent scales, no biases; the stored mode is what the loader uses."""
+    out = convert(trained_like, tmp_path / mode, quantize=True, q_mode=mode).path
+    config = json.loads((out / "config.json").read_text())
+    bits, group_size = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}[mode]
+    assert config["quantization"] == {"group_size": group_size, "bits": bits, "mode": mode}
+    weights = mx.load(str(out / "model.safetensors"))
+    original = mx.load(str(trained_like / "model.safetensors"))
+    for layer in ("model.embed_tokens", "model.layers.0.mlp_block.down_proj"):  # down_proj: input 96
+        packed, scales = mx.quantize(original[f"{layer}.weight"], group_size, bits, mode=mode)
+        assert weights[f"{layer}.scales"].dtype == mx.uint8 and f"{layer}.biases" not in weights
+        assert mx.array_equal(weights[f"{layer}.weight"], packed) and mx.array_equal(weights[f"{layer}.scales"], scales)
+
+    tokens = np.random.RandomState(3).randint(0, 400, size=(4, 128))
+    agreement = (logits(out, tokens).argmax(-1) == logits(trained_like, tokens).argmax(-1)).mean()
+    assert agreement >= (0.95 if bits == 8 else 0.8), agreement
+
+
 def test_hub_repo_id_from_the_local_cache(deepmind, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -261,7 +284,7 @@ def test_hub_repo_id_from_the_local_cache(deepmind, tmp_path, monkeypatch):
     np.testing.assert_allclose(logits(out, deepmind["tokens"]), deepmind["reference"], atol=1e-4, rtol=0)
     assert "base_model: tiny-org/tiny-griffin" in (out / "README.md").read_text()
 
-    with pytest.raises(RGError, match="not \\(fully\\) in the local Hugging Face cache"):
+    with pytest.raises(RGError, match="not in the Hugging Face cache and the hub is unreachable or offline"):
         convert("tiny-org/absent", tmp_path / "absent")
     assert not (tmp_path / "absent").exists()
 
@@ -326,8 +349,15 @@ BAD_HF = {
     "no tokenizer": (lambda f: (f / "tokenizer.model").unlink(), {}, "no tokenizer.model .* --tokenizer"),
     "bad tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"junk"), {}, "not a SentencePiece"),
     "dtype": (lambda f: None, {"dtype": "int8"}, "unsupported dtype 'int8'"),
-    "bits": (lambda f: None, {"quantize": True, "q_bits": 7}, "unsupported --q-bits 7"),
-    "group size": (lambda f: None, {"quantize": True, "q_group_size": 48}, "unsupported --q-group-size 48"),
+    "bits": (lambda f: None, {"quantize": True, "q_bits": 7}, "unsupported quantization bits 7 for mode affine"),
+    "group size": (lambda f: None, {"quantize": True, "q_group_size": 48}, "unsupported quantization group size 48"),
+    "mode bits": (lambda f: None, {"quantize": True, "q_mode": "mxfp4", "q_bits": 8}, "bits 8 for mode mxfp4: use 4"),
+    "mode": (lambda f: None, {"quantize": True, "q_mode": "int4"}, "unsupported quantization mode 'int4'"),
+    "int tensor": (
+        _edit_weights(lambda w: w.update({"model.final_norm.weight": w["model.final_norm.weight"].astype(mx.int32)})),
+        {},
+        "tensor model.final_norm.weight has dtype int32: expected one of float32, bfloat16, float16",
+    ),
     "upload repo": (lambda f: None, {"upload_repo": "not a repo"}, "not a valid hub repo id"),
     "offline upload": (lambda f: None, {"upload_repo": "me/griffin"}, "HF_HUB_OFFLINE"),
     "override": (lambda f: None, {"overrides": {"windw": 3}}, "unknown config override windw"),
@@ -349,9 +379,11 @@ def test_bad_deepmind_input(deepmind, tmp_path):
 
     state = torch.load(deepmind["root"] / "pt" / "griffin.pt", weights_only=True)
     cases = {
-        "missing": ({k: v for k, v in state.items() if k != "blocks.2.attention_block.proj_final.bias"}, "missing model.layers.2.temporal_block.o_proj.bias"),
+        "missing": ({k: v for k, v in state.items() if k != "blocks.2.attention_block.proj_final.bias"},
+                    "missing model.layers.2.temporal_block.o_proj.bias"),
         "unknown": ({**state, "blocks.0.extra": torch.zeros(2)}, "unknown blocks.0.extra"),
-        "no embedding": ({k: v for k, v in state.items() if not k.startswith("embedder")}, "missing tensor embedder.input_embedding"),
+        "no embedding": ({k: v for k, v in state.items() if not k.startswith("embedder")},
+                         "missing tensor embedder.input_embedding"),
         "int tensor": ({**state, "final_norm.scale": state["final_norm.scale"].int()}, "dtype torch.int32"),
     }
     for name, (sd, message) in cases.items():
@@ -411,6 +443,22 @@ def test_cli_reports_errors_in_one_line(deepmind, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rg-mlx convert: error: unsupported dtype 'float64'") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
-    assert cli_main(["convert", str(deepmind["root"] / "pt"), str(tmp_path / "out"), "--window", str(WINDOW), "--dtype", "bfloat16"]) == 0
+    argv = ["convert", str(deepmind["root"] / "pt"), str(tmp_path / "out"), "--window", str(WINDOW)]
+    argv += ["--dtype", "bfloat16"]
+    assert cli_main(argv) == 0
     assert "dtype        bfloat16" in capsys.readouterr().out
     assert mx.load(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"].dtype == mx.bfloat16
+
+
+def test_cli_rejects_bad_quantization_flags_before_reading(tmp_path, capsys):
+    cases = [
+        (["-q", "--q-bits", "7"], "unsupported quantization bits 7 for mode affine: use 1, 2, 3, 4, 5, 6, 8"),
+        (["-q", "--q-mode", "nvfp4", "--q-group-size", "32"],
+         "unsupported quantization group size 32 for mode nvfp4: use 16"),
+        (["--q-bits", "8"], "--q-bits needs -q/--quantize"),
+    ]
+    for flags, message in cases:  # SOURCE does not exist: reading it would be another error
+        assert cli_main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err == f"rg-mlx convert: error: {message}\n"
+    assert not (tmp_path / "out").exists()

@@ -1,47 +1,60 @@
-"""`rg-mlx bench`: speed and memory against mlx-lm and Hugging Face transformers.
+"""`rg-mlx bench`: speed and memory against mlx-lm and Hugging Face transformers (`rg_mlx.bench`).
 
-Runs the `benchmarks/` folder of a source checkout (the peers need the `dev` extra:
-`pip install -e '.[dev]'`); `python -m benchmarks.bench` takes the same arguments.
+The Hugging Face peer needs the `dev` extra (`pip install 'rg-mlx[dev]'`); without it that peer is
+skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..errors import RGError
+from ..bench.checkpoint import CONFIGS
+from ..bench.speed import RUNTIMES
 
-RUNTIMES = ("rg_mlx", "mlx-lm", "mlx-lm+blas", "hf-float32", "hf-bfloat16")
 
+def _csv(kind, choices=None):
+    """A comma-separated list of `kind` values, each one of `choices` if given (argparse exits 2 otherwise)."""
 
-def _csv(kind):
     def parse(text: str) -> list:
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            values = [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}: use {','.join(choices)}")
+        return values
 
     return parse
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by `rg-mlx bench` and `python -m benchmarks.bench`."""
+    """The options of `rg-mlx bench`."""
     parser.add_argument(
-        "--configs", type=_csv(str), default=["bench", "2b"],
+        "--configs", type=_csv(str, CONFIGS), default=["bench", "2b"],
         help="checkpoints to run: bench (2B widths, 6 layers, 1.1B params), 2b (the real 2B shape, decode only)",
     )
     parser.add_argument(
-        "--runtimes", type=_csv(str), default=list(RUNTIMES),
+        "--runtimes", type=_csv(str, RUNTIMES), default=list(RUNTIMES),
         help=f"which to run, comma-separated (default all: {','.join(RUNTIMES)}); "
         "mlx-lm is MLX as installed, mlx-lm+blas runs with rg_mlx's Linux fast path (its BLAS and malloc settings)",
     )
     parser.add_argument(
         "--prompt-lengths", type=_csv(int), default=[512, 2048, 8192], help="prompt lengths (default 512,2048,8192)"
     )
-    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated for the decode speed (default 32)")
     parser.add_argument(
-        "--decode-rounds", type=int, default=4,
+        "--decode-tokens", type=int, default=32, help="tokens generated for the decode speed (default 32)"
+    )
+    parser.add_argument(
+        "--decode-rounds", type=_count, default=4,
         help="rg_mlx and mlx-lm+blas measure decode in this many rounds, taking turns, and report the median "
         "(default 4; 0: each once, right after its prompts; also 0 where memory cannot hold both models and one more)",
     )
@@ -63,28 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--memory-model", default="demo", help="model folder or hub id (default: the demo model)")
     memory.add_argument("--memory-tokens", type=int, default=32000, help="tokens to generate (default 32000)")
     memory.add_argument("--memory-warmup", type=int, default=2000, help="tokens before RSS is compared (default 2000)")
-    memory.add_argument("--memory-plot", type=Path, default=Path("docs/memory.png"), help="PNG plot (default docs/memory.png)")
-
-
-def _benchmarks_root() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "bench.py").is_file():
-        raise RGError(
-            "rg-mlx bench runs the benchmarks/ folder of a source checkout: "
-            "clone the repository and install it with pip install -e '.[dev]'"
-        )
-    return root
+    memory.add_argument(
+        "--memory-plot", type=Path, default=Path("docs/memory.png"), help="PNG plot (default docs/memory.png)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the speed benchmark (or, with `--memory`, the long-run memory benchmark)."""
-    root = _benchmarks_root()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     if args.memory:
-        from benchmarks import bench_memory
+        from ..bench import long_chat
 
-        return bench_memory.run(args)
-    from benchmarks import bench
+        return long_chat.run(args)
+    from ..bench import speed
 
-    return bench.run(args)
+    return speed.run(args)

@@ -1,6 +1,6 @@
 """Memory and latency over one long chat: 32,000 generated tokens in one `ChatSession`.
 
-    python -m benchmarks.bench_memory        # or: rg-mlx bench --memory
+    rg-mlx bench --memory        # options: --memory-model, --memory-tokens, --memory-warmup, --memory-plot
 
 Every 1,000 generated tokens it records the process's resident memory (RSS) and the mean and
 median time per generated token (the gaps between tokens of a reply; each reply's first
@@ -14,14 +14,13 @@ attention window (128) fills within the first reply, so every later token runs o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 QUESTIONS = [
     "How do I install rg_mlx?",
@@ -59,11 +58,11 @@ def run_chat(model_path: str, total: int, every: int, seed: int) -> list[dict]:
     On a shared machine speed moves by 10-20% within minutes, which would hide or fake a trend
     in the long chat's own latency; the ratio of the two does not move with the machine.
     """
-    import rg_mlx
+    from .. import ChatSession, load
 
-    model, tokenizer = rg_mlx.load(model_path)
-    chat = rg_mlx.ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed)
-    fresh = rg_mlx.ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed + 1)
+    model, tokenizer = load(model_path)
+    chat = ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed)
+    fresh = ChatSession(model, tokenizer, max_tokens=1000, temperature=0.8, seed=seed + 1)
     samples, gaps, fresh_gaps, generated, turn = [], [], [], 0, 0
     start = time.perf_counter()
     while generated < total:
@@ -119,7 +118,7 @@ def spread(samples: list[dict], warmup: int) -> dict:
 
 
 def plot(samples: list[dict], path: Path, title: str) -> None:
-    """RSS and per-token latency against generated tokens (PNG)."""
+    """RSS and per-token latency against generated tokens (PNG; needs matplotlib, in the `dev` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +149,7 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the long chat with `args.memory_*` options; print the samples and the spread."""
-    from rg_mlx import _blas
+    from .. import _blas
 
     samples = run_chat(args.memory_model, args.memory_tokens, 1000, seed=0)
     s = spread(samples, args.memory_warmup)
@@ -174,18 +173,11 @@ def run(args: argparse.Namespace) -> int:
         a, b, change = s["relative"]
         print(f"- the long chat's mean over the fresh chat's: {a:.3f} -> {b:.3f} ({100 * change:+.1f}%)")
     print(f"State bytes: {', '.join(str(b) for b in s['state_bytes'])}")
-    plot(samples, args.memory_plot, f"rg_mlx, one chat of {samples[-1]['tokens']} generated tokens")
-    print(f"Plot: {args.memory_plot}")
+    if importlib.util.find_spec("matplotlib") is None:
+        print("note: matplotlib not installed: no plot (pip install 'rg-mlx[dev]')", file=sys.stderr)
+    else:
+        plot(samples, args.memory_plot, f"rg_mlx, one chat of {samples[-1]['tokens']} generated tokens")
+        print(f"Plot: {args.memory_plot}")
     if args.json:
         args.json.write_text(json.dumps({"samples": samples, "spread": s}, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rg_mlx.cli import main as cli_main
-
-    return cli_main(["bench", "--memory", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,12 @@
 """One runtime on one checkpoint, in its own process: prints one JSON line of measurements.
 
-    python -m benchmarks.worker --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype float32] [--blas none] [--serve]
+    python PATH/TO/rg_mlx/bench/worker.py --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype float32] [--blas none]
+        [--serve]
+
+It runs as a script by its file path, never as the module `rg_mlx.bench.worker`: importing the rg_mlx
+package loads its Linux fast path (an optimized BLAS, glibc malloc settings), and the peers must run as
+their users run them. So this file imports nothing from rg_mlx at module level; only the rg_mlx runtime
+and mlx-lm with the same BLAS load it, before anything imports mlx.core.
 
 Every runtime is timed through its own generation loop, greedy: rg_mlx's (chunked prefill,
 logits for the last position only), mlx-lm's `generate_step`, and transformers' `generate`.
@@ -17,6 +23,12 @@ import os
 import resource
 import sys
 import time
+
+if __name__ == "__main__":
+    # Python put this script's folder (the bench harness) first on sys.path: its modules are not for import
+    # by name, and must not shadow what a peer imports.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
 # The first prompt timed (it predicts the time of longer ones), and the warm-up lengths.
 _PROBE_PROMPT = 32
@@ -208,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
         blas = _blas.active()
     if args.runtime == "hf":
-        # The repository's top-level `kernels/` folder (rg_mlx.kernels) would pass for Hugging Face's
-        # `kernels` package, which transformers imports wherever it finds one, and that imports rg_mlx.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+        # A source checkout on sys.path (PYTHONPATH=.) has a top-level `kernels/` folder (rg_mlx.kernels) that
+        # would pass for Hugging Face's `kernels` package, which transformers imports wherever it finds one,
+        # and that imports rg_mlx.
+        sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.curdir, "rg_mlx", "bench"))]
         runner = HFRunner(args.model, args.dtype)
         blas = "torch " + __import__("torch").__version__
     else:

@@ -7,8 +7,9 @@ import math
 import shutil
 from pathlib import Path
 
-from rg_mlx.config import ModelArgs, preset
-from rg_mlx.model import initial_weight
+from ..config import ModelArgs, preset
+from ..convert.write import TensorSpec, plan_shards
+from ..model import Model, initial_weight
 
 # "bench": the 2B widths with 6 layers (R R A R R A) and the full vocabulary, about 1.1B parameters.
 CONFIGS: dict[str, ModelArgs] = {
@@ -31,8 +32,6 @@ _SHARD_BYTES = 2 << 30
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Hugging Face tensor names and shapes (conv weight in HF's `[L, 1, 4]` layout)."""
     from mlx.utils import tree_flatten
-
-    from rg_mlx.model import Model
 
     shapes = {name: tuple(p.shape) for name, p in tree_flatten(Model(args).parameters())}
     for name, shape in shapes.items():
@@ -60,25 +59,16 @@ def write_checkpoint(name: str, folder: Path, *, dtype: str = "float32", seed: i
     mx_dtype = getattr(mx, dtype)
     mx.random.seed(seed)
 
-    shapes = parameter_shapes(args)
-    shards: list[list[str]] = [[]]
-    size = 0
-    nbytes = {n: math.prod(s) * mx_dtype.size for n, s in shapes.items()}
-    for n in shapes:
-        if shards[-1] and size + nbytes[n] > _SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nbytes[n]
-
+    specs = [TensorSpec(n, s, mx_dtype) for n, s in parameter_shapes(args).items()]
+    shards = plan_shards(specs, _SHARD_BYTES)
     weight_map = {}
-    for i, names in enumerate(shards):
+    for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: initial_weight(n, shapes[n], args.num_hidden_layers).astype(mx_dtype) for n in names}
+        tensors = {t.name: initial_weight(t.name, t.shape, args.num_hidden_layers).astype(mx_dtype) for t in shard}
         mx.save_safetensors(str(tmp / file), tensors, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
+        weight_map.update(dict.fromkeys(tensors, file))
         del tensors
-    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in specs)}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = args.to_dict()
     config["torch_dtype"] = dtype
