@@ -12,7 +12,7 @@ import pytest
 
 from rg_mlx.app import models as app_models
 from rg_mlx.app.server import NO_MODEL, ChatApp
-from rg_mlx.app.worker import DONE, Worker
+from rg_mlx.serving import DONE, Worker
 
 PROMPT = "Hello world! How are you today?"
 # The UI settings as the app's API takes them (temperature, top-p, top-k, min-p, repetition
@@ -294,7 +294,7 @@ def test_without_a_model_the_app_explains_what_to_do(monkeypatch):
         placeholders = [b.placeholder for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
         assert placeholders == [NO_MODEL] and "rg-mlx convert" in NO_MODEL
         with pytest.raises(gr.Error, match="No model loaded"):
-            app._slot(type("Request", (), {"session_hash": "x"})())
+            app._session(type("Request", (), {"session_hash": "x"})())
     finally:
         app.close()
     assert not Path(app.exports).exists()  # the download folder goes with the app
