@@ -62,7 +62,8 @@ footer { display: none !important; }
 
 def plot_frames(trace: list[tuple[int, float, float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """DataFrames for the latency plot (token, ms) and the memory plot (token, MiB) of a session's trace."""
-    df = pd.DataFrame(trace, columns=["token", "ms", "MiB"]).astype({"token": "int64", "ms": "float64", "MiB": "float64"})
+    df = pd.DataFrame(trace, columns=["token", "ms", "MiB"])
+    df = df.astype({"token": "int64", "ms": "float64", "MiB": "float64"})
     return df[["token", "ms"]], df[["token", "MiB"]]
 
 

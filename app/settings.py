@@ -73,8 +73,9 @@ def from_saved(saved: Mapping[str, Any], base: SamplingConfig = APP) -> tuple[Sa
     config, bad = base, []
     for name in PANEL:
         if name in saved:
+            values = {**to_panel(config), name: saved[name]}
             try:
-                config = to_config([saved[name] if n == name else v for n, v in to_panel(config).items()], config)
+                config = to_config(list(values.values()), config)
             except RGError:
                 bad.append(name)
     return config, bad

@@ -2,9 +2,9 @@
 
 The sampling settings are a `SamplingConfig` and the sampler is `Sampling` (both in sampling.py:
 mlx-lm's logits processors and filters, a draw with an explicit random key, so seeds are
-reproducible and never touch MLX's global random state). Prompt processing runs in chunks of `prefill_step_size` tokens and evaluates only the state
-after each chunk, so a long prompt needs no more memory than a short one; logits are computed
-for the last position only.
+reproducible and never touch MLX's global random state). Prompt processing runs in chunks of
+`prefill_step_size` tokens and evaluates only the state after each chunk, so a long prompt needs no
+more memory than a short one; logits are computed for the last position only.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class Setting:
         return f"{what} {self.range}" + (f" ({self.note})" if self.note else "")
 
     def check(self, value: Any) -> Any:
-        """`value` in this field's canonical type (int, float, tuple of str or None); SamplingError if it is not valid."""
+        """`value` in this field's type (int, float, tuple of str or None); SamplingError if it is not valid."""
         if value is None:
             if self.nullable:
                 return None

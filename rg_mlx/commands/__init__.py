@@ -18,7 +18,9 @@ from ..sampling import SETTINGS, SamplingConfig, SamplingError
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model` (folder or hub repo id) and `--dtype`."""
-    parser.add_argument("--model", default="demo", help="model folder or Hugging Face repo id (default: the bundled demo model)")
+    parser.add_argument(
+        "--model", default="demo", help="model folder or Hugging Face repo id (default: the bundled demo model)"
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                     session.settings = session.settings.with_text(name, value.strip())
                     print(f"[{name} = {getattr(session.settings, name)!r}]", file=sys.stderr)
                 else:
-                    print(f"[{', '.join(f'{k} = {v!r}' for k, v in session.settings.to_dict().items())}]", file=sys.stderr)
+                    shown = ", ".join(f"{k} = {v!r}" for k, v in session.settings.to_dict().items())
+                    print(f"[{shown}]", file=sys.stderr)
             elif command == "history":
                 for m in session.history:
                     print(f"{m['role']}: {m['content']}")

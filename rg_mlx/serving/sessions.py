@@ -91,7 +91,9 @@ class Session:
     streams) and are read or written only by a thread that holds `lock`.
     """
 
-    def __init__(self, key: str, chat: ChatSession, settings: SamplingConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, key: str, chat: ChatSession, settings: SamplingConfig, clock: Callable[[], float] = time.monotonic
+    ):
         self.key = key
         self.lock = threading.RLock()
         self._clock = clock
