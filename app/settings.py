@@ -22,12 +22,12 @@ LABELS = {
     "repetition_penalty": "Repetition penalty", "max_tokens": "Max new tokens", "seed": "Seed",
 }
 # The slider ends the config leaves open (exclusive or unbounded), and each slider's step.
-SLIDERS: dict[str, dict[str, float]] = {
+SLIDERS: dict[str, dict[str, Any]] = {
     "temperature": dict(maximum=2, step=0.05),
     "top_p": dict(minimum=0.05, step=0.01),
     "top_k": dict(maximum=200, step=1),
     "min_p": dict(step=0.01),
-    "repetition_penalty": dict(minimum=1, maximum=2, step=0.01),
+    "repetition_penalty": dict(minimum=1, maximum=2, step=0.01, info="1 disables it"),  # the slider has no none
     "max_tokens": dict(maximum=8192, step=1),
 }
 RANDOM_SEED = -1  # the seed box's value for "draw a seed"

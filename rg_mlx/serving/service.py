@@ -116,8 +116,8 @@ class ChatService:
     def send(self, session: Session, text: str, sampling: SamplingConfig, *, system: str | None = None) -> Reply:
         """Queue the reply to `text` (a reply still running is stopped first).
 
-        `system` becomes the chat's system prompt if the chat has no messages yet; a chat that has
-        some keeps its own (Gemma folds it into the first message).
+        `system` (None: none) becomes the chat's system prompt if the chat has no messages yet; a
+        chat that has some keeps its own (Gemma folds it into the first message).
         """
         self._check(sampling)
         self.cancel(session)

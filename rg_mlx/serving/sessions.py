@@ -122,13 +122,9 @@ class Session:
 
     @property
     def settings(self) -> SamplingConfig:
+        """The sampling settings of the last reply (the service's defaults before one)."""
         with self.lock:
             return self._settings
-
-    @settings.setter
-    def settings(self, config: SamplingConfig) -> None:
-        with self.lock:
-            self._settings = config
 
     @property
     def busy(self) -> bool:
