@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,14 @@ class ChatApp:
             raise gr.Error(str(e), title="Bad setting") from None
 
     @staticmethod
+    def _queue(fn: Callable[..., Reply | None], *args: Any, **kwargs: Any) -> Reply | None:
+        """Queue a reply through the service; a setting the model cannot take (top-k) becomes a Gradio error."""
+        try:
+            return fn(*args, **kwargs)
+        except RGError as e:
+            raise gr.Error(str(e), title="Bad setting") from None
+
+    @staticmethod
     def _view(session: Session | None) -> tuple:
         """(chatbot, stats, latency plot, memory plot) for a session's current conversation."""
         if session is None:
@@ -186,7 +194,7 @@ class ChatApp:
         view = session.view()
         if view.messages and (view.system or "") != (system or ""):
             gr.Info("The system prompt is folded into the first message: Clear to start a chat with the new one.")
-        reply = self.service.send(session, text, sampling, system=system)
+        reply = self._queue(self.service.send, session, text, sampling, system=system)
         first = True
         for out in self._stream(session, reply):
             yield ("" if first else gr.skip()), *out
@@ -195,7 +203,7 @@ class ChatApp:
     def retry(self, request: gr.Request, *settings: Any) -> Iterator[tuple]:
         """Regenerate the last reply. Outputs: chatbot, stats, plots."""
         session = self._session(request)
-        yield from self._stream(session, self.service.regenerate(session, self._sampling(settings)))
+        yield from self._stream(session, self._queue(self.service.regenerate, session, self._sampling(settings)))
 
     def edit(self, request: gr.Request, edit: gr.EditData, *settings: Any) -> Iterator[tuple]:
         """The chatbot's edit event: replace the last user message and regenerate from there."""

@@ -309,6 +309,8 @@ def test_settings_panel_and_sampling_config():
 def test_bad_settings_are_refused_with_the_field_named(served, client):
     with pytest.raises(Exception, match="seed=18446744073709551616: must be in"):
         client.predict(PROMPT, "", *ui(seed=2**64), api_name="/send")
+    with pytest.raises(Exception, match="greater than maximum value 200"):  # Gradio checks its sliders' ends
+        client.predict(PROMPT, "", *ui(top_k=400), api_name="/send")
     session = served[0].sessions.get(client.session_hash)
     assert session is None or session.view().messages == []
 
