@@ -21,7 +21,7 @@ import gradio as gr
 from rg_mlx.errors import RGError
 from rg_mlx.memory import human_bytes
 from rg_mlx.sampling import APP, SamplingConfig
-from rg_mlx.serving import ChatService, Reply, Session, SessionView, now_iso
+from rg_mlx.serving import ChatService, Reply, Session, SessionRegistry, SessionView, Worker, now_iso
 
 from . import layout, transcript
 from . import settings as panel
@@ -93,12 +93,12 @@ class ChatApp:
 
     # ---- the serving layer, as the app's callers know it ---------------------------------
     @property
-    def worker(self):
+    def worker(self) -> Worker:
         """The one MLX worker thread (`rg_mlx.serving.Worker`)."""
         return self.service.worker
 
     @property
-    def sessions(self):
+    def sessions(self) -> SessionRegistry:
         """Every tab's session by Gradio session hash (`rg_mlx.serving.SessionRegistry`)."""
         return self.service.sessions
 
