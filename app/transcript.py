@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from rg_mlx.errors import RGError
+from rg_mlx.serving import now_iso
 
 FORMAT = "rg-mlx-chat"
 VERSION = 1
-
-
-def now_iso() -> str:
-    """The current UTC time, ISO 8601 with seconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def to_json(

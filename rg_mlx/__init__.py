@@ -7,9 +7,10 @@ __version__ = "0.1.0"
 from .chat import ChatSession
 from .config import ModelArgs, preset
 from .errors import RGError
-from .generate import GenerationResponse, Sampling, batch_generate, generate, generate_step, stream_generate
+from .generate import GenerationResponse, batch_generate, generate, generate_step, stream_generate
 from .loading import load, load_model
 from .model import Model
+from .sampling import Sampling, SamplingConfig
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Model",
     "RGError",
     "Sampling",
+    "SamplingConfig",
     "Tokenizer",
     "batch_generate",
     "generate",

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,23 +30,14 @@ import numpy as np
 
 from .errors import RGError
 from .generate import GenerationResponse, feed, stream_generate
+from .sampling import CHAT, SamplingConfig, resolve
 from .state import AttentionState, copy_state, eval_state, restore_state, state_bytes
 from .tokenizer import Tokenizer
 
-DEFAULT_SETTINGS = {
-    "max_tokens": 512,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "repetition_penalty": None,
-    "repetition_context_size": 20,
-    "seed": None,
-    "stop": None,
-}
+# Format 2 stores the attention ring's `AttentionState.key_slots` (position + 1, 0 for an empty slot);
+# format 1 stored the key positions themselves (a large negative number for an empty slot). Both store
+# the settings as a dict of SamplingConfig's fields (`stop`: a list, or null in older files).
 FORMAT = "rg_mlx.chat/2"
-# Version 1 stored the attention ring's key positions themselves (a large negative number for an
-# empty slot); version 2 stores `AttentionState.key_slots` (position + 1, 0 for empty).
 FORMAT_V1 = "rg_mlx.chat/1"
 
 
@@ -82,11 +74,11 @@ class ChatSession:
     Args:
         model, tokenizer: from `rg_mlx.load`.
         system: a system prompt (folded into the first user turn).
+        sampling: the session's generation settings, `settings` (default: the `chat` preset,
+            greedy, 512 tokens). With a seed, the whole session is reproducible and each reply
+            (a regenerated one too) draws with its own seed, derived from it and the reply's number.
         max_snapshots: per-turn state snapshots kept for undo/regenerate.
-        **sampling: default generation settings: `max_tokens`, `temperature`, `top_p`,
-            `top_k`, `min_p`, `repetition_penalty`, `repetition_context_size`, `seed`, `stop`
-            (see `stream_generate`). With a seed, the whole session is reproducible and each
-            reply (a regenerated one too) draws with its own derived seed.
+        **settings: a convenience: fields of `SamplingConfig` that replace those of `sampling`.
 
     A session may be used from any one thread at a time.
     """
@@ -97,8 +89,9 @@ class ChatSession:
         tokenizer: Tokenizer,
         system: str | None = None,
         *,
+        sampling: SamplingConfig | None = None,
         max_snapshots: int = 16,
-        **sampling,
+        **settings: Any,
     ):
         if max_snapshots < 0:
             raise RGError(f"max_snapshots={max_snapshots}: must be >= 0")
@@ -106,33 +99,55 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.system = system
         self.max_snapshots = max_snapshots
-        self.settings = {**DEFAULT_SETTINGS, **_checked(sampling)}
+        self.settings = resolve(sampling, settings, CHAT)
         self._active = None
         self.reset()
 
+    @property
+    def settings(self) -> SamplingConfig:
+        """The session's generation settings; assign a new `SamplingConfig` to change them."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, config: SamplingConfig) -> None:
+        if not isinstance(config, SamplingConfig):
+            raise RGError(f"settings={config!r}: must be a SamplingConfig")
+        config.check_vocab(self.model.args.vocab_size)
+        self._settings = config
+
     # -- conversation -------------------------------------------------------------------
 
-    def send(self, text: str, **overrides) -> Iterator[GenerationResponse]:
-        """Stream the reply to a user message; `overrides` change settings for this reply only.
+    def send(
+        self, text: str, *, sampling: SamplingConfig | None = None, **overrides: Any
+    ) -> Iterator[GenerationResponse]:
+        """Stream the reply to a user message.
+
+        `sampling` (a whole config) and/or `overrides` (some of its fields) change the settings
+        for this reply only. The reply's seed is derived from the session's seed (see the class)
+        unless this call gives one, in `sampling` or `seed=`: that one is used as given.
 
         Only the new tokens go through the model. The exchange is recorded once iteration
         starts; if iteration stops early, the partial reply stays in `history`.
         """
         self._close_active()
-        settings = {**self.settings, **_checked(overrides)}
-        if "seed" not in overrides and settings["seed"] is not None:
-            settings["seed"] = (int(settings["seed"]) * 1_000_003 + self._replies) % 2**31
+        settings = resolve(sampling, overrides, self.settings)
+        if sampling is None and "seed" not in overrides and settings.seed is not None:
+            settings = settings.replace(seed=(settings.seed * 1_000_003 + self._replies) % 2**31)
         first = not self._exchanges
         prompt = self.tokenizer.chat_tokens(
             [{"role": "user", "content": text}], system=self.system if first else None, continuation=not first
         )
-        stream = stream_generate(self.model, self.tokenizer, self._unfed() + prompt, cache=self._cache, **settings)
+        stream = stream_generate(
+            self.model, self.tokenizer, self._unfed() + prompt, sampling=settings, cache=self._cache
+        )
         reply = self._reply(text, prompt, stream)
         self._active = weakref.ref(reply)
         return reply
 
-    def regenerate(self, **overrides) -> Iterator[GenerationResponse]:
-        """Drop the last reply and stream a new one to the same user message."""
+    def regenerate(
+        self, *, sampling: SamplingConfig | None = None, **overrides: Any
+    ) -> Iterator[GenerationResponse]:
+        """Drop the last reply and stream a new one to the same user message (settings as in `send`)."""
         self._close_active()
         if not self._exchanges:
             raise RGError("nothing to regenerate: send a message first")
@@ -140,7 +155,7 @@ class ChatSession:
         kept = (copy_state(self._cache), list(self._exchanges), list(self._messages), OrderedDict(self._snapshots))
         self._rewind(len(self._exchanges) - 1)
         try:
-            return self.send(text, **overrides)
+            return self.send(text, sampling=sampling, **overrides)
         except RGError:  # bad overrides: keep the conversation as it was
             state, self._exchanges, self._messages, self._snapshots = kept
             restore_state(self._cache, state)
@@ -205,7 +220,7 @@ class ChatSession:
             "format": FORMAT,
             "fingerprint": model_fingerprint(self.model, self.tokenizer),
             "system": self.system,
-            "settings": self.settings,
+            "settings": self.settings.to_dict(),
             "max_snapshots": self.max_snapshots,
             "messages": self._messages,
             "exchanges": [[e.tokens, e.unfed] for e in self._exchanges],
@@ -237,7 +252,8 @@ class ChatSession:
             raise RGError(f"{path}: not a chat session saved by rg_mlx") from None
         if meta["fingerprint"] != model_fingerprint(model, tokenizer):
             raise RGError(f"{path}: saved with a different model or tokenizer: load it with the model it was made with")
-        session = cls(model, tokenizer, meta["system"], max_snapshots=meta["max_snapshots"], **meta["settings"])
+        settings = CHAT.replace(**meta["settings"])  # null stop strings (older files) read as none
+        session = cls(model, tokenizer, meta["system"], sampling=settings, max_snapshots=meta["max_snapshots"])
         state = [[None if n is None else arrays[n] for n in names] for names in meta["layout"]]
         if meta["format"] == FORMAT_V1:
             for kind, slots in zip(model.args.layer_types, state):
@@ -257,17 +273,18 @@ class ChatSession:
         messages: list[dict],
         *,
         system: str | None = None,
+        sampling: SamplingConfig | None = None,
         max_snapshots: int = 16,
-        **sampling,
+        **settings: Any,
     ) -> "ChatSession":
         """A session that has gone through `messages` (e.g. an imported transcript).
 
         The messages alternate user/assistant; a trailing user message without a reply is
         dropped. The state is that of the conversation in Gemma's chat format, one prefill
-        chunk per exchange.
+        chunk per exchange. The other arguments are those of `ChatSession`.
         """
         tokenizer.chat_tokens(messages, add_generation_prompt=False)  # checks the roles
-        session = cls(model, tokenizer, system, max_snapshots=max_snapshots, **sampling)
+        session = cls(model, tokenizer, system, sampling=sampling, max_snapshots=max_snapshots, **settings)
         for k in range(len(messages) // 2):
             user, reply = (str(m.get("content", "")) for m in messages[2 * k : 2 * k + 2])
             prompt = tokenizer.chat_tokens(
@@ -346,9 +363,3 @@ class ChatSession:
             except ValueError:
                 raise RGError("a reply is still streaming in another thread: stop it first") from None
 
-
-def _checked(settings: dict) -> dict:
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise RGError(f"unknown chat setting {unknown[0]!r}: use {', '.join(DEFAULT_SETTINGS)}")
-    return settings

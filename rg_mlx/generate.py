@@ -1,11 +1,10 @@
 """Text generation: streaming, whole-text and batched, with chunked prefill and a fixed-size state.
 
-Logits processors and sampling filters are mlx-lm's (`make_logits_processors`, and the
-`apply_top_p` / `apply_min_p` / `apply_top_k` chain of `make_sampler`); the draw itself uses an
-explicit random key, so seeds are reproducible and never touch MLX's global random state.
-Prompt processing runs in chunks of `prefill_step_size` tokens and evaluates only the state
-after each chunk, so a long prompt needs no more memory than a short one; logits are computed
-for the last position only.
+The sampling settings are a `SamplingConfig` and the sampler is `Sampling` (both in sampling.py:
+mlx-lm's logits processors and filters, a draw with an explicit random key, so seeds are
+reproducible and never touch MLX's global random state). Prompt processing runs in chunks of
+`prefill_step_size` tokens and evaluates only the state after each chunk, so a long prompt needs no
+more memory than a short one; logits are computed for the last position only.
 """
 
 from __future__ import annotations
@@ -13,13 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache, partial
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import RGError
+from .sampling import GENERATE, Sampling, SamplingConfig, resolve
 from .state import copy_state, eval_state, restore_state, state_bytes
 from .tokenizer import Tokenizer
 
@@ -55,83 +55,6 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     state_bytes: int
-
-
-class Sampling:
-    """Turns logits into tokens: mlx-lm's logits processors and filters, then a draw.
-
-    Draws use an explicit `mx.random` key advanced at every step, so a seeded generation gives
-    the same tokens in any process or thread and leaves MLX's global random state alone.
-
-    Args:
-        vocab_size: the model's vocabulary size (bounds `top_k`).
-        temperature: 0 is greedy.
-        top_p, top_k, min_p: nucleus, top-k and min-p filtering (1, 0, 0 disable them).
-        repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
-        seed: the key's seed; None draws one from MLX's global random state.
-    """
-
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float | None = None,
-        repetition_context_size: int = 20,
-        seed: int | None = None,
-    ):
-        if temperature < 0:
-            raise RGError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
-        if not 0 < top_p <= 1:
-            raise RGError(f"top_p={top_p}: must be in (0, 1] (1 disables it)")
-        if not 0 <= top_k < vocab_size:
-            raise RGError(f"top_k={top_k}: must be in [0, {vocab_size}) (0 disables it)")
-        if not 0 <= min_p <= 1:
-            raise RGError(f"min_p={min_p}: must be in [0, 1] (0 disables it)")
-        if repetition_penalty is not None and repetition_penalty <= 0:
-            raise RGError(f"repetition_penalty={repetition_penalty}: must be > 0 (1 disables it)")
-        if repetition_context_size < 1:
-            raise RGError(f"repetition_context_size={repetition_context_size}: must be >= 1")
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
-
-        self.temperature = float(temperature)
-        # The filter chain of mlx-lm's `make_sampler`, in its order.
-        self.filters = []
-        if top_p < 1:
-            self.filters.append(partial(apply_top_p, top_p=top_p))
-        if min_p > 0:
-            self.filters.append(partial(apply_min_p, min_p=min_p))
-        if top_k > 0:
-            self.filters.append(partial(apply_top_k, top_k=top_k))
-        self.processors = make_logits_processors(
-            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
-        )
-        self.context_size = repetition_context_size
-        if seed is None:
-            seed = mx.random.randint(0, 2**31 - 1, ()).item()
-        self.key = mx.random.key(int(seed))
-        mx.eval(self.key)
-
-    def __call__(self, logits: mx.array, history: mx.array | None) -> mx.array:
-        """Tokens `[B]` for `logits` `[B, V]`; `history` `[B, n]`: each row's recent tokens."""
-        if self.processors and history is not None:
-            rows = []
-            for b in range(logits.shape[0]):
-                row = logits[b : b + 1]
-                for processor in self.processors:
-                    row = processor(history[b], row)
-                rows.append(row)
-            logits = mx.concatenate(rows, axis=0)
-        if self.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        for f in self.filters:
-            logprobs = f(logprobs)
-        self.key, key = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
 
 
 # mlx_lm is imported on first use, not with rg_mlx: it imports transformers (and torch where
@@ -238,16 +161,10 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab_size: in
     return ids
 
 
-def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
-
-
 class _TextStream:
     """Detokenizes one sequence, holding back text that may be the start of a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
         self.detokenizer = tokenizer.detokenizer()
         self.stop_ids = tokenizer.stop_ids
         self.stop = stop
@@ -280,12 +197,10 @@ def _stream(
     ids: list[int],
     cache: list[ArraysCache],
     sampling: Sampling,
-    *,
-    max_tokens: int,
-    stop: list[str],
     prefill_step_size: int,
 ) -> Iterator[GenerationResponse]:
-    text_stream = _TextStream(tokenizer, stop)
+    max_tokens = sampling.config.max_tokens
+    text_stream = _TextStream(tokenizer, sampling.config.stop)
     tic = time.perf_counter()
     prompt_time = prompt_tps = 0.0
     steps = generate_step(model, mx.array([ids], dtype=mx.int32), cache, sampling, max_tokens, prefill_step_size)
@@ -323,17 +238,10 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     *,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
+    sampling: SamplingConfig | None = None,
     cache: list[ArraysCache] | None = None,
     prefill_step_size: int = 512,
+    **settings: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt`, one `GenerationResponse` per token.
 
@@ -341,50 +249,34 @@ def stream_generate(
         model: a model from `rg_mlx.load` / `rg_mlx.load_model`.
         tokenizer: its `Tokenizer`.
         prompt: text (`<bos>` is added) or token ids (used as given).
-        max_tokens: the most tokens to generate.
-        temperature: 0 is greedy.
-        top_p, top_k, min_p: nucleus, top-k and min-p filtering (1, 0, 0 disable them).
-        repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
-        seed: makes sampling reproducible (same seed, same tokens, in any process) without
-            touching MLX's global random state.
-        stop: strings that end generation; the stop string itself is not emitted.
+        sampling: the sampling settings and limits (`max_tokens`, `stop`, `seed`, ...); default
+            `SamplingConfig()`: greedy, 256 tokens.
         cache: a state to continue from (`model.make_cache()`), updated in place; when
             generation ends it holds the prompt and every generated token but the last.
         prefill_step_size: prompt tokens processed per chunk.
+        **settings: a convenience: fields of `SamplingConfig` (`max_tokens=20, temperature=0.8,
+            seed=0`) that replace those of `sampling`; the same tokens as passing the config.
 
-    Generation stops at `<eos>`, `<end_of_turn>`, a stop string, or `max_tokens`. Closing the
-    iterator early is safe.
+    Generation stops at `<eos>`, `<end_of_turn>`, a stop string (never emitted), or `max_tokens`.
+    Closing the iterator early is safe. Bad settings raise `RGError` before any work.
     """
-    if max_tokens < 1:
-        raise RGError(f"max_tokens={max_tokens}: must be >= 1")
+    config = resolve(sampling, settings, GENERATE)
     if prefill_step_size < 1:
         raise RGError(f"prefill_step_size={prefill_step_size}: must be >= 1")
     vocab_size = model.args.vocab_size
     ids = prompt_ids(tokenizer, prompt, vocab_size)
-    sampling = Sampling(
-        vocab_size=vocab_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
-    )
     return _stream(
         model,
         tokenizer,
         ids,
         model.make_cache() if cache is None else cache,
-        sampling,
-        max_tokens=max_tokens,
-        stop=_stop_strings(stop),
-        prefill_step_size=prefill_step_size,
+        Sampling(config, vocab_size=vocab_size),
+        prefill_step_size,
     )
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
-    """The whole generated text; takes the arguments of `stream_generate`."""
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs: Any) -> str:
+    """The whole generated text; takes the arguments of `stream_generate` (a `sampling` config, or its fields)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
@@ -402,45 +294,30 @@ def batch_generate(
     tokenizer: Tokenizer,
     prompts: Sequence[str | Sequence[int]],
     *,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
+    sampling: SamplingConfig | None = None,
     prefill_step_size: int = 512,
+    **settings: Any,
 ) -> list[str]:
     """Generate for several prompts at once; returns one text per prompt.
 
     Prompts of different lengths are left-padded; the padding never reaches the state
     (each row starts its document after its padding), so greedy output of every row equals
-    what `generate` gives for that prompt alone. Arguments as in `stream_generate`.
+    what `generate` gives for that prompt alone. Arguments as in `stream_generate`: a
+    `sampling` config and/or its fields as keyword arguments.
     """
+    config = resolve(sampling, settings, GENERATE)
     if not prompts:
         return []
-    if max_tokens < 1:
-        raise RGError(f"max_tokens={max_tokens}: must be >= 1")
     vocab_size = model.args.vocab_size
     rows = [prompt_ids(tokenizer, p, vocab_size) for p in prompts]
-    sampling = Sampling(
-        vocab_size=vocab_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
-    )
+    sampler = Sampling(config, vocab_size=vocab_size)
     tokens, cache = left_padded(model, rows, tokenizer.pad_id or 0)
-    streams = [_TextStream(tokenizer, _stop_strings(stop)) for _ in rows]
+    streams = [_TextStream(tokenizer, config.stop) for _ in rows]
     texts = [""] * len(rows)
     done = [False] * len(rows)
+    max_tokens = config.max_tokens
     with wired_limit(model, [generation_stream()]):
-        steps = generate_step(model, tokens, cache, sampling, max_tokens, prefill_step_size)
+        steps = generate_step(model, tokens, cache, sampler, max_tokens, prefill_step_size)
         try:
             for n, y in enumerate(steps, start=1):
                 for i, token in enumerate(y.tolist()):

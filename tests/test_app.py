@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from rg_mlx.app import models as app_models
+from rg_mlx import RGError
 from rg_mlx.app.server import NO_MODEL, ChatApp
-from rg_mlx.app.worker import DONE, Worker
+from rg_mlx.serving import DONE, Worker
 
 PROMPT = "Hello world! How are you today?"
 # The UI settings as the app's API takes them (temperature, top-p, top-k, min-p, repetition
@@ -282,8 +283,42 @@ def test_model_picker_finds_local_and_cached_models(tmp_path, monkeypatch, tiny_
     assert len(found) == len(set(found.values()))
 
 
+def test_settings_panel_and_sampling_config():
+    from rg_mlx.app import settings as panel
+    from rg_mlx.sampling import APP, SETTINGS
+
+    config = panel.to_config(ui())
+    assert config == APP.replace(**OVERRIDES) and panel.to_panel(config) == UI
+    assert panel.to_config(ui(seed=-1)).seed is None and panel.to_panel(APP)["seed"] == -1  # the seed box's "random"
+    assert panel.to_config(ui(repetition_penalty=1.2)).repetition_penalty == 1.2
+    assert panel.to_panel(APP)["repetition_penalty"] == 1.0  # the slider's "off"
+    assert panel.to_config(ui(top_k=64.0, max_tokens=24.0)) == config.replace(top_k=64)  # Gradio sends floats
+    for name, value in [("temperature", -1), ("top_p", 0), ("top_k", 1.5), ("max_tokens", 0), ("seed", 2**64)]:
+        with pytest.raises(RGError, match=f"^{name}="):
+            panel.to_config(ui(**{name: value}))
+    # An imported file's settings: the valid ones are taken, the others named and left as they were.
+    imported, bad = panel.from_saved({**UI, "top_k": "many", "min_p": 7, "seed": 3, "unknown": 1})
+    assert imported == config.replace(top_k=APP.top_k, seed=3) and bad == ["top_k", "min_p"]
+    # Every slider's ends are valid values of its field, and it starts at the app preset.
+    for name in panel.PANEL[:-1]:
+        spec = panel.slider(name)
+        assert SETTINGS[name].check(spec["minimum"]) == spec["minimum"] and SETTINGS[name].check(spec["maximum"])
+        assert spec["value"] == panel.to_panel(APP)[name]
+
+
+def test_bad_settings_are_refused_with_the_field_named(served, client):
+    with pytest.raises(Exception, match="seed=18446744073709551616: must be in"):
+        client.predict(PROMPT, "", *ui(seed=2**64), api_name="/send")
+    with pytest.raises(Exception, match="greater than maximum value 200"):  # Gradio checks its sliders' ends
+        client.predict(PROMPT, "", *ui(top_k=400), api_name="/send")
+    session = served[0].sessions.get(client.session_hash)
+    assert session is None or session.view().messages == []
+
+
 def test_without_a_model_the_app_explains_what_to_do(monkeypatch):
     import gradio as gr
+
+    from rg_mlx.app import settings as panel
 
     from rg_mlx.cli import build_parser
 
@@ -293,8 +328,11 @@ def test_without_a_model_the_app_explains_what_to_do(monkeypatch):
         demo = app.build()
         placeholders = [b.placeholder for b in demo.blocks.values() if isinstance(b, gr.Chatbot)]
         assert placeholders == [NO_MODEL] and "rg-mlx convert" in NO_MODEL
+        sliders = {b.elem_id: (b.minimum, b.maximum, b.value) for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+        specs = {f"rg-{n.replace('_', '-')}": panel.slider(n) for n in panel.PANEL[:-1]}
+        assert sliders == {k: (s["minimum"], s["maximum"], s["value"]) for k, s in specs.items()}
         with pytest.raises(gr.Error, match="No model loaded"):
-            app._slot(type("Request", (), {"session_hash": "x"})())
+            app._session(type("Request", (), {"session_hash": "x"})())
     finally:
         app.close()
     assert not Path(app.exports).exists()  # the download folder goes with the app

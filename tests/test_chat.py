@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_model
-from rg_mlx import ChatSession, RGError, load
+from rg_mlx import ChatSession, RGError, SamplingConfig, load
+from rg_mlx.sampling import CHAT
 from rg_mlx.state import copy_state, restore_state
 
 MESSAGES = ["Hello!", "How are you today?", "Tell me about RecurrentGemma.", "Thanks, bye."]
@@ -233,12 +234,12 @@ def test_usable_from_worker_threads(loaded):
 
 def test_settings_and_reset(loaded):
     model, tokenizer = loaded
-    with pytest.raises(RGError, match="unknown chat setting"):
+    with pytest.raises(RGError, match="unknown sampling setting 'temprature'"):
         ChatSession(model, tokenizer, temprature=0.5)
     session = ChatSession(model, tokenizer, max_tokens=5)
-    assert session.settings["max_tokens"] == 5 and session.settings["temperature"] == 0.0
+    assert session.settings == CHAT.replace(max_tokens=5) and CHAT.max_tokens == 512
     rs = list(session.send(MESSAGES[0], max_tokens=3))
-    assert len(rs) <= 3 and session.settings["max_tokens"] == 5
+    assert len(rs) <= 3 and session.settings.max_tokens == 5
     with pytest.raises(RGError, match="temperature"):
         session.send("x", temperature=-1)
     with pytest.raises(RGError, match="top_p"):
@@ -246,26 +247,48 @@ def test_settings_and_reset(loaded):
     assert len(session.history) == 2 and session.tokens_seen > 0
     before = session.history[-1]["content"]
     assert "".join(r.text for r in session.regenerate(max_tokens=3)) == before
+    session.settings = session.settings.replace(max_tokens=2)
+    assert len(list(session.regenerate())) <= 2
     session.reset()
-    assert session.history == [] and session.tokens_seen == 0 and session.tokens == []
+    assert session.history == [] and session.tokens == [] and session.settings.max_tokens == 2
+
+
+def test_reply_seeds_derive_from_the_session_seed_unless_given(loaded):
+    model, tokenizer = loaded
+    sampled = SamplingConfig(temperature=2.0, max_tokens=12, seed=3)
+    session = ChatSession(model, tokenizer, sampling=sampled)
+    derived = [r.token for r in session.send(MESSAGES[0])]
+    # Reply 0 of a session with seed 3 draws with seed 3 * 1_000_003 + 0 (mod 2**31).
+    plain = ChatSession(model, tokenizer)
+    assert [r.token for r in plain.send(MESSAGES[0], sampling=sampled.replace(seed=3_000_009))] == derived
+    # A seed given for one reply (in a config or as a keyword) is used as given, for that reply only.
+    given = ChatSession(model, tokenizer, sampling=sampled)
+    as_given = [r.token for r in given.send(MESSAGES[0], sampling=sampled)]
+    again = ChatSession(model, tokenizer, sampling=sampled)
+    assert [r.token for r in again.send(MESSAGES[0], seed=3)] == as_given != derived
 
 
 def test_sessions_saved_by_format_1_still_load(loaded, tmp_path):
-    # Format 1 stored the ring's key positions themselves, -2**30 for an empty slot.
+    # Format 1 stored the ring's key positions themselves (-2**30 for an empty slot), and the settings as
+    # the previous version wrote them: its own dict, `stop` null when unset.
     import json
 
     model, tokenizer = loaded
-    a = ChatSession(model, tokenizer, max_tokens=6)
+    a = ChatSession(model, tokenizer, max_tokens=6, temperature=1.0, seed=2)
     chat(a, MESSAGES[0])
     a.save(tmp_path / "v2.safetensors")
-    arrays, metadata = mx.load(str(tmp_path / "v2.safetensors"), return_metadata=True)
+    arrays, metadata = mx.load(str(tmp_path / "v2.safetensors"), format="safetensors", return_metadata=True)
     meta = json.loads(metadata["rg_mlx_chat"])
+    assert meta["format"] == "rg_mlx.chat/2" and meta["settings"] == a.settings.to_dict()
     meta["format"] = "rg_mlx.chat/1"
+    meta["settings"] = {"max_tokens": 6, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                        "repetition_penalty": None, "repetition_context_size": 20, "seed": 2, "stop": None}
     for i, kind in enumerate(model.args.layer_types):
         if kind == "attention":
             slots = arrays[f"state.{i}.2"]
             arrays[f"state.{i}.2"] = mx.where(slots == 0, -(2**30), slots - 1).astype(mx.int32)
     mx.save_safetensors(str(tmp_path / "v1.safetensors"), arrays, metadata={"rg_mlx_chat": json.dumps(meta)})
     b = ChatSession.load(tmp_path / "v1.safetensors", model, tokenizer)
+    assert b.settings == a.settings and b.history == a.history
     assert_same_state(a, b)
     assert chat(a, MESSAGES[1]) == chat(b, MESSAGES[1])

@@ -86,7 +86,7 @@ def test_chat_session_through_stdin(tiny_model_dir, loaded, tmp_path):
     assert f"[saved to {saved}]" in err and saved.is_file()
     assert f"[loaded {saved}: 1 exchanges" in err
     assert "[temperature = 0.5]" in err
-    assert "error: unknown setting 'nonsense'" in err
+    assert "error: unknown sampling setting 'nonsense': use temperature, top_p" in err
     assert "error: unknown command /bogus" in err
     assert ChatSession.load(saved, model, tokenizer).history == session.history
 
@@ -102,11 +102,88 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert "not in the Hugging Face cache" in err and "offline" in err and "rg-mlx convert" in err
 
 
-def test_bad_flags_are_errors(tiny_model_dir, capsys):
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temp", "-1"]) == 1
-    assert "temperature" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--system", "x"]) == 1
-    assert "--system needs --chat" in capsys.readouterr().err
+BAD_FLAGS = [
+    (["--temp", "-1"], "--temp/--temperature -1: must be >= 0"),
+    (["--temperature", "abc"], "--temp/--temperature abc: not a number >= 0"),
+    (["-m", "0"], "-m/--max-tokens 0: must be >= 1"),
+    (["--max-tokens", "2.5"], "-m/--max-tokens 2.5: must be a whole number >= 1"),
+    (["--top-p", "2"], "--top-p 2: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k -1: must be >= 0"),
+    (["--min-p", "1.5"], "--min-p 1.5: must be in [0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0: must be > 0"),
+    (["--repetition-context-size", "0"], "--repetition-context-size 0: must be >= 1"),
+    (["--seed", "-3"], "--seed -3: must be in [0, 2**64)"),
+]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_flags_exit_2_with_one_line_before_loading(command, monkeypatch, capsys, tmp_path):
+    import rg_mlx
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(rg_mlx, "load", no_loading)
+    argv = [command, "--model", str(tmp_path / "no-such-model")] + (["--prompt", "hi"] if command == "generate" else [])
+    extra = [(["--max-snapshots", "-1"], "--max-snapshots -1: must be >= 0")] if command == "chat" else [
+        (["--prefill-step-size", "0"], "--prefill-step-size 0: must be >= 1"),
+        (["--system", "x"], "--system needs --chat"),
+    ]
+    for flags, message in BAD_FLAGS + extra:
+        with pytest.raises(SystemExit) as e:
+            main(argv + flags)
+        assert e.value.code == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"rg-mlx {command}: error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_flags_in_real_processes(tiny_model_dir, tmp_path):
+    # Piped chat used to start and fail on every message, exiting 0.
+    out = rg_mlx("chat", "--model", str(tmp_path / "missing"), "--temp", "-1", stdin="Hello\n")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "rg-mlx chat: error: --temp/--temperature -1: must be >= 0 (0 is greedy)"
+    ]
+    out = rg_mlx("generate", "--model", str(tmp_path / "missing"), "-p", "hi", "-m", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["rg-mlx generate: error: -m/--max-tokens 0: must be >= 1"]
+    # The check that needs the model comes right after loading it, in the same form.
+    out = rg_mlx("chat", "--model", str(tiny_model_dir), "--top-k", "400", stdin="Hello\n")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "rg-mlx chat: error: --top-k 400: must be < the vocabulary size, 400 (0 disables it)"
+    ]
+
+
+def test_set_rejects_bad_values_and_keeps_the_previous_one(tiny_model_dir):
+    script = [
+        "/set temperature 0.5",
+        "/set temperature -5",
+        "/set top_k 400",
+        "/set max_tokens lots",
+        "/set nonsense 1",
+        "/set max_tokens 3",
+        "/set seed 7",
+        "/set seed none",
+        "/set stop User:",
+        "/set",
+        "Hello!",
+        "/quit",
+    ]
+    out = rg_mlx("chat", "--model", str(tiny_model_dir), "--seed", "1", stdin="\n".join(script) + "\n")
+    assert out.returncode == 0, out.stderr
+    err = out.stderr.splitlines()
+    assert "[temperature = 0.5]" in err
+    assert "error: temperature=-5.0: must be >= 0 (0 is greedy)" in err
+    assert "error: top_k=400: must be < the vocabulary size, 400 (0 disables it)" in err
+    assert "error: max_tokens='lots': not a whole number >= 1" in err
+    unknown = "error: unknown sampling setting 'nonsense': use temperature, top_p, top_k"
+    assert any(line.startswith(unknown) for line in err)
+    assert "[max_tokens = 3]" in err and "[seed = 7]" in err and "[seed = None]" in err and "[stop = ('User:',)]" in err
+    shown = [line for line in err if line.startswith("[temperature = ")][-1]  # /set alone
+    assert shown.startswith("[temperature = 0.5, top_p = 1.0, top_k = 0, ") and "max_tokens = 3, seed = None" in shown
+    stats = [line for line in err if "tok/s" in line]
+    assert len(stats) == 1 and stats[0].startswith("[") and int(stats[0][1:].split()[0]) <= 3  # the new max_tokens
 
 
 def test_import_and_help_do_not_load_mlx_lm():

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import write_tiny_model
 from rg_mlx import RGError, Tokenizer, batch_generate, generate, load, stream_generate
-from rg_mlx.generate import copy_state, feed
+from rg_mlx.generate import feed
+from rg_mlx.state import copy_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,17 +1,26 @@
 """CLI subcommands (registered in `rg_mlx.cli.COMMANDS`) and the arguments they share.
 
 Nothing heavy is imported here: `rg-mlx --help` must stay fast.
+
+Flags are checked before anything loads: a bad one exits with status 2 and one line naming it
+(`flag_error`), as argparse does for flags it can check itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
+
+from ..memory import human_bytes
+from ..sampling import SETTINGS, SamplingConfig, SamplingError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model` (folder or hub repo id) and `--dtype`."""
-    parser.add_argument("--model", default="demo", help="model folder or Hugging Face repo id (default: the bundled demo model)")
+    parser.add_argument(
+        "--model", default="demo", help="model folder or Hugging Face repo id (default: the bundled demo model)"
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -19,50 +28,64 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace):
-    """`rg_mlx.load(--model, --dtype)`; the bundled demo (the default) says so, and how to get a real model."""
+def flag_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """Exit with status 2 and one line, `rg-mlx COMMAND: error: MESSAGE`: a flag is wrong."""
+    print(f"rg-mlx {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_model(args: argparse.Namespace, sampling: SamplingConfig | None = None):
+    """`rg_mlx.load(--model, --dtype)`, then the checks of `sampling` that need the model (`--top-k`
+    below the vocabulary size). The bundled demo (the default) says so, and how to get a real model."""
     from .. import load
 
     if args.model == "demo":
         from ..demo import NOTICE
 
         print(f"rg-mlx {args.command}: {NOTICE}", file=sys.stderr)
-    return load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    if sampling is not None:
+        try:
+            sampling.check_vocab(model.args.vocab_size)
+        except SamplingError as e:
+            _sampling_flag_error(args, e)
+    return model, tokenizer
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """The sampling flags, named as in mlx-lm."""
-    parser.add_argument(
-        "-m", "--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default {max_tokens})"
-    )
-    parser.add_argument(
-        "--temp", "--temperature", dest="temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy"
-    )
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="min-p filtering (default 0: off)")
-    parser.add_argument("--repetition-penalty", type=float, help="penalty for recently seen tokens (e.g. 1.1)")
-    parser.add_argument(
-        "--repetition-context-size", type=int, default=20, help="tokens the repetition penalty looks at (default 20)"
-    )
-    parser.add_argument("--seed", type=int, help="random seed: same seed, same output")
-    parser.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+def add_sampling_arguments(parser: argparse.ArgumentParser, preset: SamplingConfig) -> None:
+    """One flag per field of `SamplingConfig` (named as in mlx-lm), its defaults those of `preset`.
+
+    The values stay text until `sampling_config` reads them, so that every bad value, even one that
+    is not a number, gets the same one-line error.
+    """
+    group = parser.add_argument_group("sampling")
+    for s in SETTINGS.values():
+        if s.many:
+            group.add_argument(*s.flags, dest=s.name, action="append", metavar="TEXT", help=s.help)
+            continue
+        default = getattr(preset, s.name)
+        group.add_argument(
+            *s.flags, dest=s.name, metavar="N" if s.kind is int else "X",
+            help=f"{s.help}: {s.expects()}; default {'none' if default is None else default}",
+        )
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The generation keyword arguments from parsed sampling flags."""
-    names = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size"]
-    return {name: getattr(args, name) for name in [*names, "seed", "stop"]}
+def sampling_config(args: argparse.Namespace, preset: SamplingConfig) -> SamplingConfig:
+    """`preset` with the sampling flags given applied; a bad flag exits (status 2, one line naming it)."""
+    values = {}
+    try:
+        for s in SETTINGS.values():
+            given = getattr(args, s.name)
+            if given is not None:
+                values[s.name] = tuple(given) if s.many else s.parse(given)
+        return preset.replace(**values)
+    except SamplingError as e:
+        _sampling_flag_error(args, e)
 
 
-def human_bytes(n: int) -> str:
-    """`4.1 KiB`, `16.4 MiB`, ..."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
+def _sampling_flag_error(args: argparse.Namespace, e: SamplingError) -> NoReturn:
+    given = getattr(args, e.name, None)
+    flag_error(args, f"{'/'.join(SETTINGS[e.name].flags)} {e.value if given is None else given}: {e.reason}")
 
 
 def stats_line(r) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_arguments, add_sampling_arguments, human_bytes, load_model, sampling_kwargs
+from ..memory import human_bytes
+from ..sampling import CHAT, SETTINGS
+from . import add_model_arguments, add_sampling_arguments, flag_error, load_model, sampling_config
 
 HELP = "chat with a model in the terminal"
 
-COMMANDS_HELP = """\
+COMMANDS_HELP = f"""\
 commands:
   /undo            drop the last exchange
   /retry           regenerate the last reply
@@ -17,7 +19,8 @@ commands:
   /save FILE       save the conversation and its state
   /load FILE       load a saved conversation
   /system [TEXT]   show, or set (and start over with) the system prompt
-  /set NAME VALUE  change a setting (temperature, top_p, top_k, min_p, max_tokens, seed, ...)
+  /set NAME VALUE  change a setting (none/off where it allows none); /set alone shows them:
+                   {', '.join(SETTINGS)}
   /history         show the conversation
   /stats           show the state size and tokens seen
   /help            this help
@@ -27,29 +30,10 @@ commands:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", help="system prompt")
-    add_sampling_arguments(parser, max_tokens=512)
     parser.add_argument(
         "--max-snapshots", type=int, default=16, help="per-turn state snapshots kept for /undo and /retry (default 16)"
     )
-
-
-def _value(name: str, text: str):
-    from ..chat import DEFAULT_SETTINGS
-    from ..errors import RGError
-
-    if name not in DEFAULT_SETTINGS:
-        raise RGError(f"unknown setting {name!r}: use {', '.join(DEFAULT_SETTINGS)}")
-    if name == "stop":
-        return [text] if text else None
-    if text.lower() in ("none", "off", ""):
-        if DEFAULT_SETTINGS[name] is not None:
-            raise RGError(f"{name} needs a value")
-        return None
-    kind = int if name in ("max_tokens", "top_k", "repetition_context_size", "seed") else float
-    try:
-        return kind(text)
-    except ValueError:
-        raise RGError(f"{name}: {text!r} is not a number") from None
+    add_sampling_arguments(parser, CHAT)
 
 
 def _stream(responses) -> None:
@@ -76,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from ..chat import ChatSession
     from ..errors import RGError
 
-    model, tokenizer = load_model(args)
-    session = ChatSession(model, tokenizer, args.system, max_snapshots=args.max_snapshots, **sampling_kwargs(args))
+    sampling = sampling_config(args, CHAT)
+    if args.max_snapshots < 0:
+        flag_error(args, f"--max-snapshots {args.max_snapshots}: must be >= 0")
+    model, tokenizer = load_model(args, sampling)
+    session = ChatSession(model, tokenizer, args.system, sampling=sampling, max_snapshots=args.max_snapshots)
     interactive = sys.stdin.isatty()
     print("rg-mlx chat: type a message; /help for commands, /quit to leave", file=sys.stderr)
     while True:
@@ -125,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
                     print(session.system or "[no system prompt]", file=sys.stderr)
             elif command == "set":
                 name, _, value = arg.partition(" ")
-                session.settings[name] = _value(name, value.strip())
-                print(f"[{name} = {session.settings[name]!r}]", file=sys.stderr)
+                if name:  # a bad name or value raises: the settings stay as they were
+                    session.settings = session.settings.with_text(name, value.strip())
+                    print(f"[{name} = {getattr(session.settings, name)!r}]", file=sys.stderr)
+                else:
+                    shown = ", ".join(f"{k} = {v!r}" for k, v in session.settings.to_dict().items())
+                    print(f"[{shown}]", file=sys.stderr)
             elif command == "history":
                 for m in session.history:
                     print(f"{m['role']}: {m['content']}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs, stats_line
+from ..sampling import GENERATE
+from . import add_model_arguments, add_sampling_arguments, flag_error, load_model, sampling_config, stats_line
 
 HELP = "generate text from a prompt"
 
@@ -15,24 +16,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--prompt", required=True, help="the prompt; '-' reads it from stdin")
     parser.add_argument("--chat", action="store_true", help="format the prompt as a user turn of Gemma's chat format")
     parser.add_argument("--system", help="system prompt (with --chat)")
-    add_sampling_arguments(parser, max_tokens=256)
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per chunk (default 512)")
+    add_sampling_arguments(parser, GENERATE)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import RGError
     from ..generate import stream_generate
 
+    sampling = sampling_config(args, GENERATE)
     if args.system and not args.chat:
-        raise RGError("--system needs --chat")
+        flag_error(args, "--system needs --chat")
+    if args.prefill_step_size < 1:
+        flag_error(args, f"--prefill-step-size {args.prefill_step_size}: must be >= 1")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, sampling)
     if args.chat:
         prompt = tokenizer.chat_tokens([{"role": "user", "content": prompt}], system=args.system)
     last = None
-    for last in stream_generate(
-        model, tokenizer, prompt, prefill_step_size=args.prefill_step_size, **sampling_kwargs(args)
-    ):
+    for last in stream_generate(model, tokenizer, prompt, sampling=sampling, prefill_step_size=args.prefill_step_size):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

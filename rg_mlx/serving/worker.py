@@ -1,7 +1,7 @@
-"""The one thread that runs MLX for the app, with a fair first-come first-served queue.
+"""The one thread that runs MLX for a server, with a fair first-come first-served queue.
 
 MLX must not be driven from several threads at once, and a single model instance serves every
-browser session, so all model work (loading, prefill, decoding, undo, import) runs here. Two kinds
+session, so all model work (loading, prefill, decoding, undo, import) runs here. Two kinds
 of work are queued:
 
 * jobs: streamed generations, run one at a time in arrival order. A job is a generator; the worker
@@ -9,6 +9,9 @@ of work are queued:
   takes effect within a token and the generator is closed (`GeneratorExit`) where it stands.
 * calls: short tasks (undo, reset, import, loading a model). They run between two tokens of the
   running job instead of waiting for it to finish, so other users' buttons stay responsive.
+
+What the worker thread and the callers' threads share goes through `Worker`'s lock (the queue, the
+running job), a job's own lock (its item count) or a thread-safe queue or event (its items, its end).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ DONE = object()  # the last item of every job's event queue
 
 
 class Job:
-    """A streamed generation queued on the worker: `events` receives its items, then `DONE`."""
+    """A streamed generation queued on the worker: `events` receives its items, then `DONE`.
+
+    `error` (set before `done`) is the exception that ended the job, if one did.
+    """
 
     def __init__(self, owner: str, start: Callable[[], Iterator[Any]]):
         self.owner = owner
@@ -33,8 +39,15 @@ class Job:
         self.started = threading.Event()
         self.done = threading.Event()
         self.cancelled = threading.Event()
-        self.items = 0  # items produced so far (tokens, for a chat reply)
         self.error: BaseException | None = None
+        self._items = 0
+        self._lock = threading.Lock()
+
+    @property
+    def items(self) -> int:
+        """Items produced so far (tokens, for a chat reply)."""
+        with self._lock:
+            return self._items
 
     def cancel(self) -> None:
         """Ask the worker to stop this job at the next token (or drop it if still waiting)."""
@@ -102,7 +115,8 @@ class Worker:
 
     def active(self) -> Job | None:
         """The job generating right now, if any."""
-        return self._active
+        with self._cond:
+            return self._active
 
     def close(self) -> None:
         """Cancel every job, finish pending calls and stop the thread."""
@@ -142,8 +156,10 @@ class Worker:
                 raise StopIteration
             if stream is None:
                 stream = job.start()
-            job.events.put(next(stream))
-            job.items += 1
+            item = next(stream)
+            with job._lock:
+                job._items += 1
+            job.events.put(item)
             return stream
         except StopIteration:
             pass
