@@ -148,7 +148,7 @@ def _checked_kernels(path: str, forced: bool, dtypes: tuple[mx.Dtype, ...]) -> K
             f"portable ops path instead (same results, slower prompts). Please run `rg-mlx doctor` and report "
             f"its output to rg_mlx's issue tracker.",
             KernelFallbackWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of rg_lru
         )
     return None
 
