@@ -25,6 +25,7 @@ import mlx.core as mx  # noqa: E402
 from rg_mlx.kernels.ops import rg_lru_ops  # noqa: E402
 
 FAULTS = ("no-compile", "wrong-value", "raises")
+KERNELS = ("rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply")
 
 _EDITS = {
     "no-compile": ("const RgStep st = rg_step(", "const RgStep st = rg_step_undefined("),
@@ -46,6 +47,18 @@ class OpsKernel:
         return list(rg_lru_ops(x, gate_x, gate_a, a_param, reset, h0))
 
 
+def recording_kernels() -> tuple[dict[str, Callable], list[tuple[str, dict]]]:
+    """Ops-backed kernels that also record every launch as (kernel, the call's keyword arguments)."""
+    launches: list[tuple[str, dict]] = []
+
+    class Recording(OpsKernel):
+        def __call__(self, **call) -> list[mx.array]:
+            launches.append((self.name, call))
+            return super().__call__(**call)
+
+    return {n: Recording(n) for n in KERNELS}, launches
+
+
 class Raising:
     def __call__(self, **call) -> list[mx.array]:
         raise RuntimeError("[metal::Device] Unable to load kernel custom_kernel_rg_lru (stand-in)")
@@ -53,11 +66,10 @@ class Raising:
 
 def kernel_set(kind: str, workdir: Path) -> dict[str, Callable]:
     """The kernel set `kind` (see the module docstring); emulated ones compile under `workdir`."""
-    names = ["rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply"]
     if kind == "ops":
-        return {n: OpsKernel(n) for n in names}
+        return {n: OpsKernel(n) for n in KERNELS}
     if kind == "raises":
-        return {n: Raising() for n in names}
+        return {n: Raising() for n in KERNELS}
     from gpu_emulator import Compiler, emulated_kernels
 
     edit = None

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gpu_emulator import MLX_FOR_EMULATION, Compiler, emulated_kernels, kernel_name
-from kernel_stand_ins import OpsKernel, injected
+from kernel_stand_ins import injected, recording_kernels
 from mlx.utils import tree_flatten
 
 from rg_mlx import kernels
@@ -395,18 +395,6 @@ def test_scan_gradient_is_the_ops_paths(backend, compiler):
 # ---------------------------------------------------------------- launch safety: names, shapes, empty inputs, grid
 
 
-def recording_kernels() -> tuple[dict, list]:
-    """Kernels computing with the ops path that record each launch's (kernel, MLX name, grid)."""
-    launches = []
-
-    class Recording(OpsKernel):
-        def __call__(self, **call):
-            launches.append((self.name, kernel_name(self.name, call.get("template", [])), call["grid"]))
-            return super().__call__(**call)
-
-    return {n: Recording(n) for n in ("rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply")}, launches
-
-
 def test_every_input_dtype_names_its_own_kernel():
     """Fault 1: MLX 0.29-0.32.0 cache a CUDA kernel by its name, so every input dtype must be in every launch's name."""
     ks, launches = recording_kernels()
@@ -419,8 +407,8 @@ def test_every_input_dtype_names_its_own_kernel():
         launches.clear()
         for chunks in (1, 2):
             fused_scan(ks, **case, chunks=chunks)
-        assert sorted(k for k, _, _ in launches) == ["rg_lru_chunk_apply", "rg_lru_chunk_summary", "rg_lru_sequential"]
-        names[combo] = {kernel: name for kernel, name, _ in launches}
+        assert sorted(k for k, _ in launches) == ["rg_lru_chunk_apply", "rg_lru_chunk_summary", "rg_lru_sequential"]
+        names[combo] = {kernel: kernel_name(kernel, call["template"]) for kernel, call in launches}
     for kernel in ("rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply"):
         assert len({n[kernel] for n in names.values()}) == len(combos), kernel
     assert names[(mx.float32,) * 4]["rg_lru_chunk_summary"] == "custom_kernel_rg_lru_chunk_summary_float_float_float_float"
@@ -510,7 +498,7 @@ def test_batch_beyond_cudas_grid_rows(compiler):
     case = random_case(np.random.default_rng(17), B, T, L, mx.float32, h0=True, resets=True)
     ks, launches = recording_kernels()
     fused_scan(ks, **case)
-    assert [grid for _, _, grid in launches] == [(B * L, 1, 1)]
+    assert [call["grid"] for _, call in launches] == [(B * L, 1, 1)]
     y, h = fused_scan(kernels_for("emulated-cuda", compiler), **case)
     y_ref, h_ref = reference(case)
     np.testing.assert_allclose(np.array(y), y_ref, rtol=1e-5, atol=1e-6)
