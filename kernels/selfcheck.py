@@ -165,6 +165,11 @@ class Checks:
             return failed
 
 
+def cached_entries() -> dict[str, dict]:
+    """Everything the cache file remembers: key -> ``{"failure": text or None, "when": time}``."""
+    return _read()
+
+
 def _read() -> dict:
     try:
         data = json.loads(cache_file().read_text())
