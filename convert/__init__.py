@@ -2,7 +2,8 @@
 
 `convert(source, output)` streams the checkpoint one tensor at a time into a temporary folder
 beside `output` and renames it into place at the end, so a failed or interrupted conversion
-leaves no `output` behind.
+leaves no `output` behind; the folders of killed conversions are removed by the next conversion
+into the same parent folder (`partial`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import math
 import os
 import shutil
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from rg_mlx.errors import RGError
 from rg_mlx.loading import parse_dtype
 from rg_mlx.model import Model
 
+from . import partial
 from .sources import Checkpoint, Tensor, first_line, open_checkpoint, tokenizer_info
 from .write import MAX_SHARD_BYTES, TensorSpec, WeightsWriter, write_generation_config, write_json, write_model_card
 
@@ -49,6 +50,7 @@ class ConvertResult:
     size_bytes: int  # the safetensors files on disk
     files: list[str]
     seconds: float
+    removed_partials: list[partial.Removed] = field(default_factory=list)  # left by killed conversions
 
 
 def convert(
@@ -124,8 +126,9 @@ def convert(
     parameters = sum(math.prod(s) for s in expected.values())
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"  # beside OUTPUT: same filesystem
-    tmp.mkdir()
+    removed_partials = partial.remove_stale(output.parent)
+    tmp = partial.create(output)
+    progress = partial.pausing(progress)
     writer = WeightsWriter(tmp, specs, max_shard_bytes)
     try:
         _write_weights(writer, checkpoint, expected, target, quantized, q_bits, q_group_size, progress)
@@ -142,6 +145,7 @@ def convert(
             base_model=checkpoint.base_model,
             description=_describe(checkpoint.base_model or Path(source).name, target, args.quantization),
         )
+        partial.finish(tmp)
         _replace(tmp, output)
     except BaseException:
         writer.abort()
@@ -158,6 +162,7 @@ def convert(
         size_bytes=size,
         files=files,
         seconds=time.perf_counter() - start,
+        removed_partials=removed_partials,
     )
     if upload_repo is not None:
         _upload(output, upload_repo)

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from huggingface_hub.utils import tqdm
 
-    from rg_mlx.convert import convert
+    from rg_mlx.convert import convert, partial
 
     overrides = {}
     if args.window is not None:
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
+    if result.removed_partials:
+        print(partial.describe(result.removed_partials))
     q = result.quantization
     dtype = result.dtype + (f", {q['bits']}-bit quantized (group size {q['group_size']})" if q else "")
     shards = len(result.files)
