@@ -118,7 +118,8 @@ def _start_linux(pid: int) -> str | None:
 
 def _start_ps(pid: int) -> str | None:
     try:
-        result = subprocess.run(["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+        command = ["ps", "-o", "stat=,lstart=", "-p", str(pid)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     state, _, start = result.stdout.strip().partition(" ")

@@ -344,7 +344,8 @@ def speed(path: str, bandwidth: float) -> Speed | None:
     except Exception:  # reported by the accuracy checks
         return None
     traffic = B * T * (L * 4 * dtype.size + 1)  # x, both gates, y, and the flags
-    return Speed((B, T, L), str(dtype).removeprefix("mlx.core."), seconds, traffic / seconds, traffic / seconds / bandwidth)
+    rate = traffic / seconds
+    return Speed((B, T, L), str(dtype).removeprefix("mlx.core."), seconds, rate, rate / bandwidth)
 
 
 def self_checks(path: str) -> list[SelfCheck]:

@@ -265,7 +265,8 @@ def _check_cuda_launch(grid: tuple, threadgroup: tuple) -> None:
     """Raise as a CUDA launch of MLX's `grid` and `threadgroup` would fail."""
     blocks = [-(-g // t) for g, t in zip(grid, threadgroup)]
     threads = [min(g, t) for g, t in zip(grid, threadgroup)]
-    if any(b > m for b, m in zip(blocks, CUDA_MAX_BLOCKS)) or threads[0] * threads[1] * threads[2] > CUDA_MAX_BLOCK_THREADS:
+    too_many_threads = threads[0] * threads[1] * threads[2] > CUDA_MAX_BLOCK_THREADS
+    if any(b > m for b, m in zip(blocks, CUDA_MAX_BLOCKS)) or too_many_threads:
         raise RuntimeError(f"CUDA launch failed: invalid argument (grid {blocks} blocks of {threads} threads)")
 
 

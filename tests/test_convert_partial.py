@@ -74,7 +74,8 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(tiny_model_dir, tmp_path)
         )  # fmt: skip
         assert second.returncode == 0, second.stderr
         lines = [line for line in second.stdout.splitlines() if "partial folder" in line]
-        assert len(lines) == 1 and lines[0].startswith(f"removed 1 partial folder left by killed conversions in {parent}")
+        assert len(lines) == 1
+        assert lines[0].startswith(f"removed 1 partial folder left by killed conversions in {parent}")
         assert stale.name in lines[0]
         assert not stale.exists() and partials(parent, "out") == []
         assert_complete(parent / "out", tiny_model_dir)
@@ -101,7 +102,8 @@ def test_the_python_api_returns_what_it_removed(tiny_model_dir, tmp_path, capsys
     record = {"host": socket.gethostname(), "pid": int(dead.stdout), "start": "12345"}
     (stale / partial.OWNER_FILE).write_text(json.dumps(record))
     result = convert(tiny_model_dir, tmp_path / "new")
-    assert [r.path for r in result.removed_partials] == [stale] and 3 << 20 < result.removed_partials[0].bytes < (3 << 20) + 4096
+    assert [r.path for r in result.removed_partials] == [stale]
+    assert 3 << 20 < result.removed_partials[0].bytes < (3 << 20) + 4096  # the shard and the owner record
     assert partial.describe(result.removed_partials).endswith("(3 MiB): .old.1234abcd.partial")
     assert capsys.readouterr().out == ""  # the library prints nothing
 
@@ -134,6 +136,7 @@ def test_folders_without_a_record_or_of_live_owners_stay(tmp_path):
     unowned.mkdir()
     mine = partial.create(tmp_path / "b")
     assert partial.remove_stale(tmp_path) == []
-    assert unowned.is_dir() and mine.is_dir() and json.loads((mine / partial.OWNER_FILE).read_text())["pid"] == os.getpid()
+    assert unowned.is_dir() and mine.is_dir()
+    assert json.loads((mine / partial.OWNER_FILE).read_text())["pid"] == os.getpid()
     partial.finish(mine)
     assert not (mine / partial.OWNER_FILE).exists()

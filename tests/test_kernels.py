@@ -368,7 +368,8 @@ def test_training_gradients_through_the_kernel_path(tmp_path, monkeypatch, compi
     for name, g in flat_ops.items():
         scale = float(mx.abs(g).max())
         assert scale > 0 or "bias" in name, name  # gradients reach every weight
-        np.testing.assert_allclose(np.array(flat[name]), np.array(g), rtol=0, atol=1e-4 * max(scale, 1e-6), err_msg=name)
+        atol = 1e-4 * max(scale, 1e-6)
+        np.testing.assert_allclose(np.array(flat[name]), np.array(g), rtol=0, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", ["emulated-metal", "emulated-cuda"])
@@ -411,7 +412,8 @@ def test_every_input_dtype_names_its_own_kernel():
         names[combo] = {kernel: kernel_name(kernel, call["template"]) for kernel, call in launches}
     for kernel in ("rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply"):
         assert len({n[kernel] for n in names.values()}) == len(combos), kernel
-    assert names[(mx.float32,) * 4]["rg_lru_chunk_summary"] == "custom_kernel_rg_lru_chunk_summary_float_float_float_float"
+    float32 = names[(mx.float32,) * 4]
+    assert float32["rg_lru_chunk_summary"] == "custom_kernel_rg_lru_chunk_summary_float_float_float_float"
 
 
 def test_two_dtypes_in_one_process_get_their_own_cuda_kernels(compiler):

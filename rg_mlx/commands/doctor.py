@@ -71,7 +71,8 @@ def format_report(report) -> str:
         error = f"error {m.error:.2g} (tolerance {m.tolerance:.0e})" if m.error is not None else m.failure
         lines.append(f"  {m.path:<6} {m.dtype:<9} {error}, state {m.state_dtype}  {_mark(m.ok)}")
     failed = {k: v["failure"] for k, v in report.self_check_cache["entries"].items() if v.get("failure")}
-    lines += ["", f"self-check cache: {report.self_check_cache['file']} ({len(report.self_check_cache['entries'])} entries)"]
+    cache = report.self_check_cache
+    lines += ["", f"self-check cache: {cache['file']} ({len(cache['entries'])} entries; delete it to check again)"]
     lines += [f"  remembered failure: {key}: {failure}" for key, failure in failed.items()]
     verdict = "everything agrees" if report.ok else "SOME CHECKS FAILED: please report this output"
     lines += ["", f"{verdict} ({report.seconds:.1f} s)"]
