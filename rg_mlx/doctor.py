@@ -359,15 +359,9 @@ def self_checks(path: str) -> list[SelfCheck]:
 
 # ---------------------------------------------------------------- a tiny model end to end
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=192,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    block_types=["recurrent", "recurrent", "attention"],
-    attention_window_size=16,
-)
+# Two recurrent layers and one attention layer; L = 64 channels.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4)
+TINY.update(block_types=["recurrent", "recurrent", "attention"], attention_window_size=16)
 MODEL_SHAPES = ((2, 40), (1, 600))  # [B, T]: both kernel variants (L = 64)
 
 
