@@ -2,7 +2,8 @@
 
 `convert(source, output)` streams the checkpoint one tensor at a time into a temporary folder
 beside `output` and renames it into place at the end, so a failed or interrupted conversion
-leaves no `output` behind.
+leaves no `output` behind; the folders of killed conversions are removed by the next conversion
+into the same parent folder (`partial`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import math
 import os
 import shutil
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from rg_mlx.model import Model
 from rg_mlx.quant import Quantization, QuantSpec, quantized_layers
 from rg_mlx.tokenizer import Tokenizer
 
+from . import partial
 from .sources import Checkpoint, open_checkpoint
 from .write import MAX_SHARD_BYTES, TensorSpec, WeightsWriter, write_generation_config, write_json, write_model_card
 
@@ -49,6 +50,7 @@ class ConvertResult:
     size_bytes: int  # the safetensors files on disk
     files: list[str]
     seconds: float
+    removed_partials: list[partial.Removed] = field(default_factory=list)  # left by killed conversions
 
 
 def convert(
@@ -122,8 +124,9 @@ def convert(
     parameters = sum(math.prod(s) for s in expected.values())
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.partial"  # beside OUTPUT: same filesystem
-    tmp.mkdir()
+    removed_partials = partial.remove_stale(output.parent)
+    tmp = partial.create(output)
+    progress = partial.pausing(progress)
     writer = WeightsWriter(tmp, specs, max_shard_bytes)
     try:
         _write_weights(writer, checkpoint, expected, target, quantized, spec, progress)
@@ -140,6 +143,7 @@ def convert(
             base_model=checkpoint.base_model,
             description=_describe(checkpoint.base_model or Path(source).name, target, spec),
         )
+        partial.finish(tmp)
         _replace(tmp, output)
     except BaseException:
         writer.abort()
@@ -156,6 +160,7 @@ def convert(
         size_bytes=size,
         files=files,
         seconds=time.perf_counter() - start,
+        removed_partials=removed_partials,
     )
     if upload_repo is not None:
         hub.upload(output, upload_repo)

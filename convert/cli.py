@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from huggingface_hub.utils import tqdm
 
-    from rg_mlx.convert import convert
+    from rg_mlx.convert import convert, partial
 
     overrides = {}
     if args.window is not None:
@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
+    if result.removed_partials:
+        print(partial.describe(result.removed_partials))
     q = result.quantization
     dtype = result.dtype + (f", quantized {q.describe()}" if q else "")
     shards = len(result.files)

@@ -14,6 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from rg_mlx.errors import RGError
 
 # Below this length a plain per-step loop is cheapest.
 _SEQUENTIAL_MAX_T = 16
@@ -99,9 +100,11 @@ def rg_lru_ops(
     h0: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """The fused RG-LRU (gate math + scan) in MLX ops. See `rg_mlx.kernels.rg_lru`."""
-    reset, h0 = with_defaults(x, reset, h0)
+    x, gate_x, gate_a, a_param, reset, h0 = check_inputs(x, gate_x, gate_a, a_param, reset, h0)
+    if x.size == 0:
+        return empty_result(x, h0)
     if x.shape[1] == 1:
-        return rg_lru_step(x, gate_x, gate_a, a_param, reset, h0)
+        return _step(x, gate_x, gate_a, a_param, reset, h0)
     a, b = gate_math(x, gate_x, gate_a, a_param, reset)
     y, h = linear_scan(a, b, h0)
     return y.astype(x.dtype), h
@@ -123,12 +126,47 @@ def rg_lru_step(
     h0: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """One decode step (T = 1) as a single compiled elementwise function."""
-    return _step(x, gate_x, gate_a, a_param, *with_defaults(x, reset, h0))
+    x, gate_x, gate_a, a_param, reset, h0 = check_inputs(x, gate_x, gate_a, a_param, reset, h0)
+    if x.size == 0:
+        return empty_result(x, h0)
+    return _step(x, gate_x, gate_a, a_param, reset, h0)
 
 
-def with_defaults(x: mx.array, reset: mx.array | None, h0: mx.array | None) -> tuple[mx.array, mx.array]:
-    """`reset` `[B, T]` as bool and `h0` `[B, L]` as float32, zeros where None."""
+def check_inputs(
+    x: mx.array,
+    gate_x: mx.array,
+    gate_a: mx.array,
+    a_param: mx.array,
+    reset: mx.array | None,
+    h0: mx.array | None,
+) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """The RG-LRU inputs at their full shapes, or an `RGError` naming the one that does not fit.
+
+    `x` must be `[B, T, L]`; the gates broadcast to it, `a_param` to `[L]`, `reset` to `[B, T]`
+    (as bool, all False when None) and `h0` to `[B, L]` (as float32, zeros when None). The kernels
+    index every input at its full shape, so nothing may reach them smaller.
+    """
+    if x.ndim != 3:
+        raise RGError(f"the RG-LRU takes x of shape [B, T, L], not {tuple(x.shape)}")
     B, T, L = x.shape
     reset = mx.zeros((B, T), mx.bool_) if reset is None else reset.astype(mx.bool_)
     h0 = mx.zeros((B, L), mx.float32) if h0 is None else h0.astype(mx.float32)
-    return reset, h0
+    wanted = {"gate_x": (gate_x, x.shape), "gate_a": (gate_a, x.shape), "a_param": (a_param, (L,))}
+    wanted.update(reset=(reset, (B, T)), h0=(h0, (B, L)))
+    full = []
+    for name, (a, shape) in wanted.items():
+        if a.shape != shape:
+            try:
+                a = mx.broadcast_to(a, shape)
+            except ValueError:
+                raise RGError(
+                    f"the RG-LRU's {name} has shape {tuple(a.shape)}, which does not broadcast to {shape} "
+                    f"(x is [B, T, L] = {tuple(x.shape)})"
+                ) from None
+        full.append(a)
+    return (x, *full)
+
+
+def empty_result(x: mx.array, h0: mx.array) -> tuple[mx.array, mx.array]:
+    """`(y, h)` of a scan with nothing to do (T = 0 or B L = 0): `y` empty, the state unchanged."""
+    return mx.zeros(x.shape, x.dtype), h0

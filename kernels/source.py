@@ -17,18 +17,27 @@ precision, so the scan keeps about 1e-6 of float64 even at a = 1 - 1e-4 over 100
 a plain `a h + b` in float32 is off by 1.5e-5 (the rounding of `a` compounds).
 
 Sizes travel in a small uint32 input array (`dims`), never as template arguments, so one
-compiled kernel serves every prompt length; all index arithmetic is in `size_t`.
+compiled kernel serves every prompt length; all index arithmetic is in `size_t`. The grid is
+one-dimensional (rows x chunks x channels folded into x): CUDA caps `gridDim.y` at 65,535, x at
+2^31 - 1 blocks. Every input dtype is a template argument, so each dtype combination gets its own
+kernel name: MLX 0.29-0.32.0 cache a compiled CUDA kernel by its name alone.
 The backends differ only in a few lines of header (`_PRELUDE`) and the thread index.
+
+`fused_scan` is differentiable: the kernels have no VJP of their own, so its backward pass is
+the portable ops path's (`rg_lru_ops`), recomputed from the inputs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Callable
 
 import mlx.core as mx
 
-from .ops import with_defaults
+from rg_mlx.errors import RGError
+
+from .ops import check_inputs, empty_result, rg_lru_ops
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 THREADGROUP = 256
@@ -52,12 +61,11 @@ _PRELUDE = {
 """,
 }
 _THREAD = {
-    "metal": {"RG_THREAD_X": "thread_position_in_grid.x", "RG_THREAD_Y": "thread_position_in_grid.y"},
-    "cuda": {
-        "RG_THREAD_X": "(blockIdx.x * blockDim.x + threadIdx.x)",
-        "RG_THREAD_Y": "(blockIdx.y * blockDim.y + threadIdx.y)",
-    },
+    "metal": "static_cast<size_t>(thread_position_in_grid.x)",
+    "cuda": "(static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x)",
 }
+# MLX takes the grid as C ints.
+MAX_THREADS = 2**31 - 1
 
 _HEADER = """
 // RG-LRU gate math in float32 (rg_mlx). Near a = 1 the rounding of `a` itself would dominate
@@ -136,10 +144,11 @@ _STORE_Y = "y[i] = static_cast<OutT>(h);"
 _SEQUENTIAL = (
     """
   const size_t B = dims[0], T = dims[1], L = dims[2];
-  const size_t c = RG_THREAD_X, b = RG_THREAD_Y;
-  if (c >= L || b >= B) {
+  const size_t bc = RG_THREAD;  // b L + c
+  if (bc >= B * L) {
     return;
   }
+  const size_t b = bc / L, c = bc % L;
   const float log_a_scale = -8.0f * rg_softplus(static_cast<float>(a_param[c]));
   float h = h0[b * L + c];
   size_t i = b * T * L + c;
@@ -155,10 +164,11 @@ _SEQUENTIAL = (
 # Chunk j of row b covers steps [j C, min((j + 1) C, T)); rows of the summaries are b N + j.
 _CHUNK_PROLOGUE = """
   const size_t B = dims[0], T = dims[1], L = dims[2], C = dims[3], N = dims[4];
-  const size_t c = RG_THREAD_X, bj = RG_THREAD_Y;
-  if (c >= L || bj >= B * N) {
+  const size_t q = RG_THREAD;  // (b N + j) L + c
+  if (q >= B * N * L) {
     return;
   }
+  const size_t bj = q / L, c = q % L;
   const size_t b = bj / N, j = bj % N;
   const size_t t0 = j * C;
   const size_t n = (T - t0 < C) ? T - t0 : C;
@@ -214,13 +224,11 @@ def kernel_specs(backend: str) -> dict[str, dict]:
     """Keyword arguments of `mx.fast.metal_kernel` / `mx.fast.cuda_kernel` for every kernel."""
     specs = {}
     for name, (inputs, outputs, body) in _SPECS.items():
-        for word, text in _THREAD[backend].items():
-            body = body.replace(word, text)
         specs[name] = dict(
             name=name,
             input_names=inputs,
             output_names=outputs,
-            source=body,
+            source=body.replace("RG_THREAD", _THREAD[backend]),
             header=_PRELUDE[backend] + _HEADER,
         )
     return specs
@@ -228,9 +236,16 @@ def kernel_specs(backend: str) -> dict[str, dict]:
 
 def num_chunks(B: int, T: int, L: int) -> int:
     """How many time chunks the scan uses: 1 means the sequential variant."""
-    if 4 * B * L > _TARGET_THREADS:
+    if B * L == 0 or 4 * B * L > _TARGET_THREADS:
         return 1
     return max(1, min(-(-_TARGET_THREADS // (B * L)), T // _MIN_CHUNK))
+
+
+@functools.cache
+def source_hash(backend: str) -> str:
+    """A digest of every kernel's text for `backend`: it changes whenever a compiled kernel would."""
+    text = repr(sorted((name, sorted(spec.items())) for name, spec in kernel_specs(backend).items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @functools.cache
@@ -242,6 +257,16 @@ def backend_kernels(backend: str) -> dict[str, Callable]:
     """
     factory = {"metal": mx.fast.metal_kernel, "cuda": mx.fast.cuda_kernel}[backend]
     return {name: factory(**spec) for name, spec in kernel_specs(backend).items()}
+
+
+def takes_dtypes(*arrays: mx.array) -> bool:
+    """Whether the kernels take these inputs' dtypes."""
+    return all(a.dtype in DTYPES for a in arrays)
+
+
+def launch_template(x: mx.array, gate_x: mx.array, gate_a: mx.array, a_param: mx.array) -> list[tuple[str, mx.Dtype]]:
+    """The template arguments of every launch: all input dtypes (MLX names a kernel after them)."""
+    return [("OutT", x.dtype), ("GateXT", gate_x.dtype), ("GateAT", gate_a.dtype), ("ParamT", a_param.dtype)]
 
 
 def fused_scan(
@@ -258,27 +283,68 @@ def fused_scan(
     """The fused RG-LRU through `kernels` (as `backend_kernels` returns). See `rg_mlx.kernels.rg_lru`.
 
     `chunks` forces the number of time chunks (1: the sequential variant); default `num_chunks`.
+    Differentiable: the gradient is the ops path's.
     """
+    x, gate_x, gate_a, a_param, reset, h0 = check_inputs(x, gate_x, gate_a, a_param, reset, h0)
+    if not takes_dtypes(x, gate_x, gate_a, a_param):
+        raise RGError(
+            f"the RG-LRU kernels take float32, float16 or bfloat16 inputs, not "
+            f"{', '.join(sorted({str(a.dtype) for a in (x, gate_x, gate_a, a_param)}))}: use RG_MLX_SCAN=ops"
+        )
+    if x.size == 0:
+        return empty_result(x, h0)
+
+    @mx.custom_function
+    def scan(x, gate_x, gate_a, a_param, reset, h0):
+        return _launch(kernels, x, gate_x, gate_a, a_param, reset, h0, chunks)
+
+    @scan.vjp
+    def scan_vjp(primals, cotangents, outputs):
+        x, gate_x, gate_a, a_param, reset, h0 = primals
+
+        def ops(x, gate_x, gate_a, a_param, h0):
+            return rg_lru_ops(x, gate_x, gate_a, a_param, reset, h0)
+
+        _, grads = mx.vjp(ops, [x, gate_x, gate_a, a_param, h0], list(cotangents))
+        return (*grads[:4], mx.zeros_like(reset), grads[4])
+
+    y, h = scan(x, gate_x, gate_a, a_param, reset, h0)
+    return y, h
+
+
+def _launch(
+    kernels: dict[str, Callable],
+    x: mx.array,
+    gate_x: mx.array,
+    gate_a: mx.array,
+    a_param: mx.array,
+    reset: mx.array,
+    h0: mx.array,
+    chunks: int | None,
+) -> tuple[mx.array, mx.array]:
+    """One or two kernel launches on checked, non-empty inputs."""
     B, T, L = x.shape
-    if x.dtype not in DTYPES:
-        raise ValueError(f"the RG-LRU kernels take float32, float16 or bfloat16 inputs, not {x.dtype}")
-    reset, h0 = with_defaults(x, reset, h0)
     gates = [x, gate_x, gate_a, a_param, reset]
-    launch = dict(threadgroup=(THREADGROUP, 1, 1), template=[("OutT", x.dtype)])
+    launch = dict(threadgroup=(THREADGROUP, 1, 1), template=launch_template(x, gate_x, gate_a, a_param))
     outputs = dict(output_shapes=[x.shape, (B, L)], output_dtypes=[x.dtype, mx.float32])
 
     chunk = -(-T // (chunks or num_chunks(B, T, L)))
     N = -(-T // chunk)
+    if B * N * L > MAX_THREADS:
+        raise RGError(
+            f"the RG-LRU kernels run one thread per row, chunk and channel, at most {MAX_THREADS:,}; "
+            f"{B} x {N} x {L} is more: split the batch, or use RG_MLX_SCAN=ops"
+        )
+    grid = (B * N * L, 1, 1)
     if N == 1:
         dims = mx.array([B, T, L], mx.uint32)
-        y, h = kernels["rg_lru_sequential"](inputs=gates + [h0, dims], grid=(L, B, 1), **launch, **outputs)
+        y, h = kernels["rg_lru_sequential"](inputs=gates + [h0, dims], grid=grid, **launch, **outputs)
         return y, h
     dims = mx.array([B, T, L, chunk, N], mx.uint32)
-    grid = (L, B * N, 1)
     chunk_a, chunk_h = kernels["rg_lru_chunk_summary"](
         inputs=gates + [dims],
         grid=grid,
-        threadgroup=launch["threadgroup"],
+        **launch,
         output_shapes=[(B, N, L)] * 2,
         output_dtypes=[mx.float32] * 2,
     )

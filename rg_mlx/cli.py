@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("rg_mlx.commands.chat", "chat in the terminal over a fixed-size state (undo, retry, save, load)"),
     "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
+    "doctor": ("rg_mlx.commands.doctor", "check this machine and every RG-LRU scan path; a report for bug reports"),
 }
 
 

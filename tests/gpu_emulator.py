@@ -11,12 +11,15 @@
      stands in;
    - CUDA: MLX builds CUDA sources only inside its CUDA backend, absent here, so `cuda_source`
      re-does MLX's `build_kernel` (mlx/backend/cuda/custom_kernel.cpp, MLX 0.32) in Python:
-     a reconstruction, faithful in what the kernel body sees (parameter names and types, `OutT`,
-     the namespace); `cuda_shim.h` stands in for MLX's default header (its includes and `inf`);
+     a reconstruction, faithful in what the kernel body sees (parameter names and types, the
+     template constants, the namespace, the kernel name); `cuda_shim.h` stands in for MLX's
+     default header (`CUDA_DEFAULT_HEADER`, dropped for g++; tests/test_cuda_compile.py
+     compiles the same text with nvcc);
 2. compiles the source unchanged with g++ (``-include <shim>``), appending a launcher that calls
    the kernel once per thread with the backend's dispatch: Metal's `dispatchThreads(grid,
    min(threadgroup, grid))` (partial edge threadgroups, no thread outside the grid); CUDA's
-   grid rounded up to whole blocks (threads past the grid run and must bounds-check);
+   grid rounded up to whole blocks (threads past the grid run and must bounds-check), refused
+   as a CUDA launch would be beyond CUDA's grid and block limits;
 3. runs it on the call's inputs (outputs start as NaN bytes, so an unwritten element shows)
    and returns the outputs as MLX arrays.
 
@@ -42,6 +45,9 @@ import mlx.core as mx
 import numpy as np
 
 HERE = Path(__file__).parent
+# `metal_source` traces a Metal kernel under `mx.export_function` without a Metal device, which MLX
+# allows from 0.32.0 (pyproject.toml's floor must be at least this).
+MLX_FOR_EMULATION = (0, 32, 0)
 
 # Metal thread attributes the launcher provides, as C++ expressions.
 _METAL_ATTRIBUTES = {
@@ -71,19 +77,33 @@ extern "C" void emulated_launch(void** buffers, uint gx, uint gy, uint gz, uint 
 }}
 """
 
+# MLX's CUDA `CustomKernel::eval_gpu`: block = min(threadgroup, grid), blocks = ceil(grid / threadgroup).
 _CUDA_LAUNCHER = """
 extern "C" void emulated_launch(void** buffers, unsigned gx, unsigned gy, unsigned gz, unsigned tx, unsigned ty, unsigned tz) {{
-  blockDim = dim3{{tx, ty, tz}};
+  blockDim = dim3{{tx < gx ? tx : gx, ty < gy ? ty : gy, tz < gz ? tz : gz}};
   gridDim = dim3{{(gx + tx - 1) / tx, (gy + ty - 1) / ty, (gz + tz - 1) / tz}};
-  for (long long z = gridDim.z * tz - 1; z >= 0; --z)
-    for (long long y = gridDim.y * ty - 1; y >= 0; --y)
-      for (long long x = gridDim.x * tx - 1; x >= 0; --x) {{
-        blockIdx = dim3{{unsigned(x / tx), unsigned(y / ty), unsigned(z / tz)}};
-        threadIdx = dim3{{unsigned(x % tx), unsigned(y % ty), unsigned(z % tz)}};
-        mlx::core::cu::{name}(
-          {arguments});
-      }}
+  for (long long bz = gridDim.z - 1; bz >= 0; --bz)
+    for (long long by = gridDim.y - 1; by >= 0; --by)
+      for (long long bx = gridDim.x - 1; bx >= 0; --bx)
+        for (long long z = blockDim.z - 1; z >= 0; --z)
+          for (long long y = blockDim.y - 1; y >= 0; --y)
+            for (long long x = blockDim.x - 1; x >= 0; --x) {{
+              blockIdx = dim3{{unsigned(bx), unsigned(by), unsigned(bz)}};
+              threadIdx = dim3{{unsigned(x), unsigned(y), unsigned(z)}};
+              mlx::core::cu::{name}(
+                {arguments});
+            }}
 }}
+"""
+# What a CUDA launch accepts (blocks per grid dimension, threads per block); beyond it the launch fails.
+CUDA_MAX_BLOCKS = (2**31 - 1, 65535, 65535)
+CUDA_MAX_BLOCK_THREADS = 1024
+# MLX's CUDA kernel source starts with this include of its device header (`default_header`).
+CUDA_DEFAULT_HEADER = """
+#include "mlx/backend/cuda/device/utils.cuh"
+
+#include <cooperative_groups.h>
+
 """
 
 # MLX's type names, as `get_type_string` (Metal) and `dtype_to_cuda_type` (CUDA) write them.
@@ -136,13 +156,27 @@ def metal_source(kernel, call: dict, workdir: Path) -> str:
     return match.group(1)
 
 
+def kernel_name(name: str, template: list) -> str:
+    """The name MLX gives a custom kernel launched with `template` (`template_arguments_hash`, Metal and CUDA)."""
+    suffix = ""
+    for _, v in template:
+        if isinstance(v, mx.Dtype):
+            suffix += "_" + _METAL_TYPES[v]
+        elif isinstance(v, bool):
+            suffix += "_t" if v else "_f"
+        else:
+            suffix += f"_{v}"
+    return f"custom_kernel_{name}{suffix}"
+
+
 def cuda_source(spec: dict, call: dict) -> tuple[str, str]:
-    """MLX 0.32's CUDA `build_kernel` for `spec` (as `mx.fast.cuda_kernel` takes) and `call`: (source, name)."""
+    """MLX 0.32's CUDA `build_kernel` for `spec` (as `mx.fast.cuda_kernel` takes) and `call`: (source, name).
+
+    The text starts with MLX's `CUDA_DEFAULT_HEADER`, as MLX compiles it."""
     for n in spec["input_names"]:
         assert not re.search(rf"{n}_(shape|strides|ndim)", spec["source"]), "shape inputs are not reconstructed"
     template = call.get("template", [])
-    suffix = "".join("_" + (_METAL_TYPES[v] if isinstance(v, mx.Dtype) else str(v).lower()) for _, v in template)
-    name = f"custom_kernel_{spec['name']}{suffix}"
+    name = kernel_name(spec["name"], template)
     params = [f"    const {_CUDA_TYPES[a.dtype]}* {n}" for n, a in zip(spec["input_names"], call["inputs"])]
     params += [f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec["output_names"], call["output_dtypes"])]
     constants = ""
@@ -154,7 +188,8 @@ def cuda_source(spec: dict, call: dict) -> tuple[str, str]:
         else:
             constants += f"  constexpr int {k} = {v};\n"
     source = (
-        spec["header"]
+        CUDA_DEFAULT_HEADER
+        + spec["header"]
         + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
         + f"__global__ void {name}(\n"
         + ",\n".join(params)
@@ -199,6 +234,7 @@ class Compiler:
     def __init__(self, workdir: Path | None = None):
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gpu_emulator_"))
         self.libraries: dict[str, ctypes.CDLL] = {}
+        self.named: dict[tuple[str, str], str] = {}  # (backend, kernel name) -> source launched under it
 
     def __call__(self, source: str, launcher: str, shim: str) -> ctypes.CDLL:
         if source not in self.libraries:
@@ -225,6 +261,15 @@ def _to_mlx(a: np.ndarray, dtype: mx.Dtype) -> mx.array:
     return out.view(dtype) if dtype == mx.bfloat16 else out
 
 
+def _check_cuda_launch(grid: tuple, threadgroup: tuple) -> None:
+    """Raise as a CUDA launch of MLX's `grid` and `threadgroup` would fail."""
+    blocks = [-(-g // t) for g, t in zip(grid, threadgroup)]
+    threads = [min(g, t) for g, t in zip(grid, threadgroup)]
+    too_many_threads = threads[0] * threads[1] * threads[2] > CUDA_MAX_BLOCK_THREADS
+    if any(b > m for b, m in zip(blocks, CUDA_MAX_BLOCKS)) or too_many_threads:
+        raise RuntimeError(f"CUDA launch failed: invalid argument (grid {blocks} blocks of {threads} threads)")
+
+
 class EmulatedKernel:
     """Stands in for one MLX custom kernel object; see the module docstring."""
 
@@ -242,6 +287,15 @@ class EmulatedKernel:
             source = metal_source(self.kernel, call, self.compiler.workdir)
         else:
             source, name = cuda_source(self.spec, call)
+            _check_cuda_launch(grid, threadgroup)
+        # MLX caches a compiled kernel by its name (CUDA: by the name alone before 0.32.1), so one name
+        # must mean one source. MLX's Metal names also carry every input's dtype and address space.
+        if self.backend == "metal":
+            key = ("metal", re.search(r"\[\[kernel\]\] void (\w+)\(", source).group(1))
+        else:
+            key = ("cuda", name)
+        if self.compiler.named.setdefault(key, source) != source:
+            raise AssertionError(f"two different sources launched as {key[1]}: MLX < 0.32.1 would run the first")
         if self.edit is not None:
             source = self.edit(source)
         self.sources.append(source)
@@ -249,7 +303,8 @@ class EmulatedKernel:
             launcher, buffers = _metal_launcher(source)
         else:
             launcher, buffers = _cuda_launcher(source, name)
-        library = self.compiler(source, launcher, f"{self.backend}_shim.h")
+        # The shim stands in for MLX's CUDA device header.
+        library = self.compiler(source.replace(CUDA_DEFAULT_HEADER, ""), launcher, f"{self.backend}_shim.h")
 
         arrays = [_to_numpy(a) for a in inputs]
         outputs = []

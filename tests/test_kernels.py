@@ -16,18 +16,25 @@ which update slow channels as h + ((a - 1) h + b) with a - 1 exact, must beat it
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
-from gpu_emulator import Compiler, emulated_kernels
+from gpu_emulator import MLX_FOR_EMULATION, Compiler, emulated_kernels, kernel_name
+from kernel_stand_ins import injected, recording_kernels
+from mlx.utils import tree_flatten
 
 from rg_mlx import kernels
 from rg_mlx.errors import RGError
 from rg_mlx.kernels import available_paths, rg_lru, rg_lru_ops, rg_lru_step
 from rg_mlx.kernels.reference import naive_gates, naive_rg_lru
 from rg_mlx.kernels.source import backend_kernels, fused_scan, num_chunks
+
+ROOT = Path(__file__).parent.parent
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # y is the float32 state rounded to its dtype: (relative, absolute) half-spacing, the absolute
@@ -39,6 +46,12 @@ TOLERANCE = 1e-6
 @pytest.fixture(scope="module")
 def compiler(tmp_path_factory):
     return Compiler(tmp_path_factory.mktemp("gpu_emulator"))
+
+
+@pytest.fixture
+def stand_in_cache(tmp_path, monkeypatch):
+    """Self-check results of injected kernels go to a fresh cache folder."""
+    monkeypatch.setenv("RG_MLX_CACHE", str(tmp_path / "cache"))
 
 
 def scan_paths() -> list:
@@ -285,12 +298,11 @@ def test_no_kernel_is_built_without_a_gpu(monkeypatch, tmp_path):
     mx.eval(model(mx.zeros((1, 20), mx.int32)))
 
 
-def test_decode_step_never_launches_a_kernel(monkeypatch):
+def test_decode_step_never_launches_a_kernel(stand_in_cache):
     """T = 1 runs `rg_lru_step` even where a kernel path is chosen."""
-    monkeypatch.setattr(kernels, "available_paths", lambda: ["ops", "metal"])
-    monkeypatch.setattr(kernels, "backend_kernels", lambda backend: pytest.fail("kernel built for T = 1"))
     case = random_case(np.random.default_rng(6), 2, 1, 8, mx.float32, h0=True, resets=True)
-    check(case, *rg_lru(**case, path="metal"))
+    with injected("metal", lambda: pytest.fail("kernel built for T = 1"), "test"):
+        check(case, *rg_lru(**case, path="metal"))
 
 
 # ---------------------------------------------------------------- the full model through the kernels
@@ -315,7 +327,7 @@ def model_logits(model, tokens: mx.array) -> mx.array:
 
 
 @pytest.mark.parametrize("shape", [(2, 40), (1, 600)], ids=["sequential", "chunked"])
-def test_model_through_emulated_metal(shape, tmp_path, monkeypatch, compiler):
+def test_model_through_emulated_metal(shape, tmp_path, monkeypatch, compiler, stand_in_cache):
     """The whole tiny model with RG_MLX_SCAN=metal (kernels emulated on the CPU) equals the ops path."""
     model = tiny_model(tmp_path)
     L = model.args.lru_width
@@ -324,12 +336,185 @@ def test_model_through_emulated_metal(shape, tmp_path, monkeypatch, compiler):
     monkeypatch.setenv("RG_MLX_SCAN", "ops")
     expected = model_logits(model, tokens)
     emulated = kernels_for("emulated-metal", compiler)
-    monkeypatch.setattr(kernels, "available_paths", lambda: ["ops", "metal"])
-    monkeypatch.setattr(kernels, "backend_kernels", lambda backend: emulated)
     monkeypatch.setenv("RG_MLX_SCAN", "metal")
-    got = model_logits(model, tokens)
+    with injected("metal", lambda: emulated, "emulated"):
+        got = model_logits(model, tokens)
     assert emulated["rg_lru_sequential" if shape[0] > 1 else "rg_lru_chunk_apply"].sources
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=0, atol=2e-5 * float(mx.abs(expected).max()))
+
+
+def test_training_gradients_through_the_kernel_path(tmp_path, monkeypatch, compiler, stand_in_cache):
+    """Fault 2: `nn.value_and_grad` through the model with the kernel path selected (the Metal kernels emulated
+    on the CPU behind the same wrapper) gives the ops path's loss and gradients."""
+    model = tiny_model(tmp_path)
+    tokens = mx.array(np.random.default_rng(9).integers(0, 400, (2, 24)), mx.int32)
+
+    def loss_fn(model, tokens):
+        logits = model(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    monkeypatch.setenv("RG_MLX_SCAN", "ops")
+    loss_ops, grads_ops = value_and_grad(model, tokens)
+    emulated = kernels_for("emulated-metal", compiler)
+    monkeypatch.setenv("RG_MLX_SCAN", "metal")
+    with injected("metal", lambda: emulated, "emulated"):
+        loss, grads = value_and_grad(model, tokens)
+        mx.eval(loss, grads)
+    assert emulated["rg_lru_sequential"].sources  # the forward pass ran the kernel
+    assert abs(loss.item() - loss_ops.item()) <= 1e-5 * abs(loss_ops.item())
+    flat, flat_ops = dict(tree_flatten(grads)), dict(tree_flatten(grads_ops))
+    assert flat.keys() == flat_ops.keys()
+    for name, g in flat_ops.items():
+        scale = float(mx.abs(g).max())
+        assert scale > 0 or "bias" in name, name  # gradients reach every weight
+        atol = 1e-4 * max(scale, 1e-6)
+        np.testing.assert_allclose(np.array(flat[name]), np.array(g), rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["emulated-metal", "emulated-cuda"])
+def test_scan_gradient_is_the_ops_paths(backend, compiler):
+    """The fused scan's VJP (all inputs, both variants, with h0 and resets) is the ops path's."""
+    ks = kernels_for(backend, compiler)
+    case = random_case(np.random.default_rng(10), 2, 19, 12, mx.float32, h0=True, resets=True)
+    weight = mx.array(np.random.default_rng(11).standard_normal((2, 19, 12)).astype(np.float32))
+    names = ["x", "gate_x", "gate_a", "a_param", "h0"]
+
+    def loss(scan, *arrays):
+        y, h = scan(**dict(zip(names, arrays)), reset=case["reset"])
+        return (y * weight).sum() + (h * h).sum()
+
+    expected = mx.grad(lambda *a: loss(rg_lru_ops, *a), argnums=tuple(range(5)))(*(case[n] for n in names))
+    for chunks in (1, 3):
+        scan = lambda **k: fused_scan(ks, **k, chunks=chunks)  # noqa: E731
+        got = mx.grad(lambda *a: loss(scan, *a), argnums=tuple(range(5)))(*(case[n] for n in names))
+        for name, g, e in zip(names, got, expected):
+            assert g.shape == e.shape and float(mx.abs(e).max()) > 0, name
+            np.testing.assert_allclose(np.array(g), np.array(e), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------- launch safety: names, shapes, empty inputs, grid
+
+
+def test_every_input_dtype_names_its_own_kernel():
+    """Fault 1: MLX 0.29-0.32.0 cache a CUDA kernel by its name, so every input dtype must be in every launch's name."""
+    ks, launches = recording_kernels()
+    combos = [(d,) * 4 for d in DTYPES.values()] + [(mx.bfloat16,) * 3 + (mx.float32,)]
+    names = {}
+    for combo in combos:
+        case = random_case(np.random.default_rng(12), 1, 10, 4, mx.float32, h0=True, resets=True)
+        for key, dtype in zip(["x", "gate_x", "gate_a", "a_param"], combo):
+            case[key] = case[key].astype(dtype)
+        launches.clear()
+        for chunks in (1, 2):
+            fused_scan(ks, **case, chunks=chunks)
+        assert sorted(k for k, _ in launches) == ["rg_lru_chunk_apply", "rg_lru_chunk_summary", "rg_lru_sequential"]
+        names[combo] = {kernel: kernel_name(kernel, call["template"]) for kernel, call in launches}
+    for kernel in ("rg_lru_sequential", "rg_lru_chunk_summary", "rg_lru_chunk_apply"):
+        assert len({n[kernel] for n in names.values()}) == len(combos), kernel
+    float32 = names[(mx.float32,) * 4]
+    assert float32["rg_lru_chunk_summary"] == "custom_kernel_rg_lru_chunk_summary_float_float_float_float"
+
+
+def test_two_dtypes_in_one_process_get_their_own_cuda_kernels(compiler):
+    """Fault 1 end to end: float32 then bfloat16 through the emulated CUDA kernels, both correct, each under its own
+    name (the emulator refuses one name for two sources, as MLX < 0.32.1 would silently run the first)."""
+    ks = emulated_kernels("cuda", Compiler(compiler.workdir))
+    for dtype in (mx.float32, mx.bfloat16):
+        case = random_case(np.random.default_rng(13), 1, 40, 6, dtype, h0=True, resets=True)
+        check(case, *fused_scan(ks, **case, chunks=3))
+    names = {re.search(r"__global__ void (\w+)\(", src).group(1) for k in ks.values() for src in k.sources}
+    assert len(names) == 4, names  # two kernels (summary, apply) x two dtypes
+
+
+BROADCAST = {
+    "reset [T]": dict(reset=lambda B, T, L, r: r[0]),
+    "reset [1, T]": dict(reset=lambda B, T, L, r: r[:1]),
+    "h0 [L]": dict(h0=lambda B, T, L, h: h[0]),
+    "gates [T, L]": dict(gate_x=lambda B, T, L, g: g[0], gate_a=lambda B, T, L, g: g[0]),
+}
+
+
+@pytest.mark.parametrize("shapes", list(BROADCAST))
+@pytest.mark.parametrize("backend", ["ops", "emulated-metal", "emulated-cuda"])
+def test_broadcast_inputs(backend, shapes, compiler):
+    """Fault 3: inputs smaller than [B, T, L] / [B, T] / [B, L] broadcast as in the ops path; the kernels read
+    nothing past a buffer (they used to read row b >= 1 of a [T] reset from beyond its end)."""
+    B, T, L = 3, 21, 10
+    case = random_case(np.random.default_rng(14), B, T, L, mx.float32, h0=True, resets=True)
+    for key, shrink in BROADCAST[shapes].items():
+        case[key] = shrink(B, T, L, case[key])
+    full = {k: None if v is None else v for k, v in case.items()}
+    for key in BROADCAST[shapes]:
+        full[key] = mx.broadcast_to(case[key], (B, T) if key == "reset" else (B, L) if key == "h0" else (B, T, L))
+    scan = rg_lru_ops if backend == "ops" else lambda **k: fused_scan(kernels_for(backend, compiler), **k, chunks=2)
+    check(full, *scan(**case))
+
+
+@pytest.mark.parametrize(
+    "key, shape",
+    [("reset", (2, 4)), ("reset", (3, 5)), ("h0", (2, 6)), ("a_param", (5,)), ("gate_x", (3, 4, 5)), ("x", (12, 6))],
+)
+def test_bad_input_shapes_raise_one_line(key, shape, stand_in_cache):
+    """Shapes that do not broadcast raise an RGError naming the input, on every path, before any launch."""
+    case = random_case(np.random.default_rng(15), 3, 4, 6, mx.float32, h0=True, resets=True)
+    case[key] = mx.zeros(shape, mx.bool_ if key == "reset" else mx.float32)
+    with injected("metal", lambda: pytest.fail("a kernel was built for bad input"), "test"):
+        for path in ("ops", "metal"):
+            with pytest.raises(RGError, match=("takes x of shape" if key == "x" else f"{key} has shape")) as e:
+                rg_lru(**case, path=path)
+            assert "\n" not in str(e.value)
+        with pytest.raises(RGError):
+            fused_scan({}, **case)
+
+
+@pytest.mark.parametrize("B, T, L", [(2, 0, 5), (0, 7, 5), (2, 7, 0), (0, 0, 0)])
+@pytest.mark.parametrize("backend", ["ops", "emulated-metal", "emulated-cuda", "dispatch"])
+def test_empty_inputs_return_at_once(backend, B, T, L, compiler, stand_in_cache):
+    """Fault 4: T = 0 or B L = 0 returns an empty y and the initial state (the launch arithmetic divided by zero)."""
+    rng = np.random.default_rng(16)
+    h0 = mx.array(rng.standard_normal((B, L)).astype(np.float32))
+    case = dict(
+        x=mx.zeros((B, T, L), mx.bfloat16),
+        gate_x=mx.zeros((B, T, L), mx.bfloat16),
+        gate_a=mx.zeros((B, T, L), mx.bfloat16),
+        a_param=mx.zeros((L,), mx.bfloat16),
+        reset=mx.zeros((B, T), mx.bool_),
+        h0=h0,
+    )
+    assert num_chunks(B, T, L) == 1
+    if backend == "dispatch":
+        with injected("metal", lambda: pytest.fail("a kernel was built for an empty input"), "test"):
+            y, h = rg_lru(**case, path="metal")
+    elif backend == "ops":
+        y, h = rg_lru_ops(**case)
+    else:
+        y, h = fused_scan(kernels_for(backend, compiler), **case)
+    assert y.shape == (B, T, L) and y.dtype == mx.bfloat16
+    assert h.shape == (B, L) and h.dtype == mx.float32 and np.array_equal(np.array(h), np.array(h0))
+
+
+def test_batch_beyond_cudas_grid_rows(compiler):
+    """Fault 5: 70,000 rows (CUDA caps gridDim.y at 65,535) run in one launch and match the reference."""
+    B, T, L = 70_000, 3, 1
+    case = random_case(np.random.default_rng(17), B, T, L, mx.float32, h0=True, resets=True)
+    ks, launches = recording_kernels()
+    fused_scan(ks, **case)
+    assert [call["grid"] for _, call in launches] == [(B * L, 1, 1)]
+    y, h = fused_scan(kernels_for("emulated-cuda", compiler), **case)
+    y_ref, h_ref = reference(case)
+    np.testing.assert_allclose(np.array(y), y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(h), h_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mlx_floor_covers_the_emulated_kernels():
+    """Fault 6: the emulated-Metal tests render through `mx.export_function` without Metal, which needs
+    MLX >= 0.32.0; pyproject.toml must not promise an older MLX (each platform's requirement)."""
+    floors = re.findall(r'"mlx(?:\[cpu\])?>=([0-9.]+)', (ROOT / "pyproject.toml").read_text())
+    assert len(floors) == 2, floors
+    for floor in floors:
+        assert tuple(int(p) for p in floor.split(".")) + (0,) * (3 - len(floor.split("."))) >= MLX_FOR_EMULATION
+    assert tuple(int(p) for p in mx.__version__.split(".")[:3]) >= MLX_FOR_EMULATION
 
 
 @pytest.mark.skipif("metal" not in available_paths(), reason="needs an Apple GPU (Metal)")

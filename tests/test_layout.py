@@ -76,7 +76,7 @@ def test_the_model_imports_only_mlx_its_config_state_and_the_scan():
     assert scan == {"rg_lru"}, "the model calls the one scan entry point"
     # And nothing it imports brings the CPU accelerations (or any other runtime module) in.
     assert reachable("rg_mlx.model") - {"rg_mlx.model"} <= {
-        "rg_mlx.config", "rg_mlx.errors", "rg_mlx.state",
+        "rg_mlx.config", "rg_mlx.errors", "rg_mlx.paths", "rg_mlx.state",
         *(module_of(p) for p in (ROOT / "kernels").glob("*.py")),
     }
 

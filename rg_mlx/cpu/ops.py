@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kernels import linear_scan, rg_lru as portable_rg_lru, select_path, with_defaults
+from ..kernels import check_inputs, linear_scan, rg_lru as portable_rg_lru, select_path
 from ..state import AttentionState
 from . import fast_math
 from .parallel import attention, elementwise
@@ -43,9 +43,9 @@ def rg_lru(
 
     A decode step and the GPU kernels are the kernels' own.
     """
-    if x.shape[1] == 1 or select_path(path, x) != "ops":
+    if x.shape[1] <= 1 or x.size == 0 or select_path(path, x) != "ops":
         return portable_rg_lru(x, gate_x, gate_a, a_param, reset=reset, h0=h0, path=path)
-    reset, h0 = with_defaults(x, reset, h0)
+    x, gate_x, gate_a, a_param, reset, h0 = check_inputs(x, gate_x, gate_a, a_param, reset, h0)
     # The compiled kernel runs ~5x faster on same-shape contiguous inputs than when it broadcasts.
     log_a_max = mx.contiguous(mx.broadcast_to(-8.0 * nn.softplus(a_param.astype(mx.float32)), x.shape))
     reset = mx.contiguous(mx.broadcast_to(reset[..., None], x.shape))
