@@ -181,10 +181,21 @@ def test_two_clients_queue_fairly_and_do_not_mix(served):
 
     app, url = served
     first, second = Client(url, verbose=False), Client(url, verbose=False)
+    second.predict("", api_name="/clear")  # its session exists before the worker is held below
     long_job = first.submit(PROMPT, "", *ui(max_tokens=60, seed=1), api_name="/send")
     wait_for(lambda: first.session_hash in app.sessions and app.sessions[first.session_hash].job is not None)
     wait_for(lambda: app.sessions[first.session_hash].job.items >= 1)
-    short_job = second.submit("The quick brown fox", "", *ui(seed=2), api_name="/send")
+    # Hold the worker between two tokens of the long reply (a call runs there) until the second client
+    # has been told it waits: however fast the machine, the long reply cannot end before that.
+    gate = threading.Event()
+    holding = threading.Thread(target=app.worker.call, args=(gate.wait,))
+    holding.start()
+    try:
+        short_job = second.submit("The quick brown fox", "", *ui(seed=2), api_name="/send")
+        wait_for(lambda: any("ahead of you" in str(o[2]) for o in short_job.outputs()))
+    finally:
+        gate.set()
+        holding.join()
     second_outputs = list(short_job)
     long_job.result()
     waiting = [o[2] for o in second_outputs if isinstance(o[2], str) and "ahead of you" in o[2]]
