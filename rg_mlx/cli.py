@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("rg_mlx.commands.chat", "chat in the terminal over a fixed-size state (undo, retry, save, load)"),
     "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
+    "mlx-lm": ("rg_mlx.commands.mlx_lm", "run an mlx-lm tool (server, lora, perplexity, generate, ...) on rg_mlx's model"),
 }
 
 
