@@ -17,7 +17,7 @@ from ..errors import RGError
 
 # mlx-lm's tools that load a model (the others convert, quantize or upload, where the model class
 # makes no difference), and what each needs beyond mlx-lm's own dependencies.
-TOOLS = ("benchmark", "cache_prompt", "chat", "evaluate", "fuse", "generate", "lora", "perplexity", "server")
+TOOLS = ("benchmark", "cache_prompt", "chat", "evaluate", "generate", "lora", "perplexity", "server")
 EXTRAS = {"evaluate": "lm-eval"}
 
 
