@@ -10,7 +10,8 @@ from setuptools import Extension, setup
 
 extensions = []
 if sys.platform.startswith("linux"):
-    extensions.append(Extension("rg_mlx._blas_route", ["rg_mlx/_blas_route.c"], extra_compile_args=["-O2"],
+    extensions.append(Extension("rg_mlx._blas_route", ["rg_mlx/_blas_route.c"], extra_compile_args=["-O2", "-pthread"],
+                                extra_link_args=["-pthread"],
                                 optional=True))
 
 setup(ext_modules=extensions)

@@ -8,6 +8,7 @@ from .chat import ChatSession
 from .config import ModelArgs, preset
 from .errors import RGError
 from .generate import GenerationResponse, batch_generate, generate, generate_step, stream_generate
+from .integration import register_with_mlx_lm
 from .loading import load, load_model
 from .model import Model
 from .sampling import Sampling, SamplingConfig
@@ -28,6 +29,7 @@ __all__ = [
     "load",
     "load_model",
     "preset",
+    "register_with_mlx_lm",
     "stream_generate",
     "__version__",
 ]

@@ -9,8 +9,9 @@ Two kinds of library:
 - OpenBLAS: the copy NumPy's wheels carry (symbols renamed ``scipy_*64_``, 64-bit integers) or
   the system one (Debian/Ubuntu: ``apt install libopenblas0-pthread``). It goes through rg_mlx's
   router (``_blas_route.c``, built at install): MLX calls the router's ``cblas_sgemm``, which
-  sends products of one to three rows (decode) to OpenBLAS's ``sgemv``, row by row, and the
-  rest to its ``sgemm``.
+  sends products of one to three rows (decode) to OpenBLAS's ``sgemv``, row by row, those of
+  four to eight rows by a large weight (batched decode) to its own product that reads the weight
+  once for all rows, split over the cores, and the rest to OpenBLAS's ``sgemm``.
   Without the router only the system OpenBLAS can be used, and its one-row products are slow.
 - Intel MKL from PyPI (``pip install 'rg-mlx[mkl]'``), loaded as it is.
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
     "doctor": ("rg_mlx.commands.doctor", "check this machine and every RG-LRU scan path; a report for bug reports"),
+    "mlx-lm": ("rg_mlx.commands.mlx_lm", "run an mlx-lm tool (server, lora, perplexity, generate, ...) on rg_mlx's model"),
 }
 
 

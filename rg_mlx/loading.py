@@ -133,7 +133,13 @@ def _names(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None) -> Model:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    accelerate: bool | None = None,
+    adapter_path: str | Path | None = None,
+) -> Model:
     """Load a RecurrentGemma model from a local folder (config.json + safetensors).
 
     Args:
@@ -144,10 +150,17 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
             recurrent state is float32 regardless.
         accelerate: apply the CPU accelerations (`rg_mlx.cpu.accelerate`); default: where MLX runs
             on the CPU, unless ``RG_MLX_ACCELERATE=0``.
+        adapter_path: a LoRA adapter folder written by `rg-mlx mlx-lm lora` (`mlx_lm.lora` on our
+            model), applied as mlx-lm applies it (`rg_mlx.integration.load_adapter`; warns when the
+            adapter was trained on another model).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise RGError(f"{path}: no such model folder")
+    if adapter_path is not None:
+        from .integration import adapter_config
+
+        adapter_config(adapter_path)  # a wrong path fails before the weights load
     dtype = parse_dtype(dtype)
     config = read_config_json(folder)
     args = ModelArgs.from_dict(config)
@@ -166,6 +179,10 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
     model.eval()
     if cpu.wanted(accelerate):
         cpu.accelerate(model)
+    if adapter_path is not None:
+        from .integration import load_adapter
+
+        load_adapter(model, adapter_path)
     return model
 
 
@@ -188,7 +205,11 @@ def resolve(path_or_repo: str | Path) -> Path:
 
 
 def load(
-    path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None
+    path_or_repo: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    accelerate: bool | None = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: `(model, tokenizer)`.
 
@@ -198,9 +219,10 @@ def load(
             ``"demo"``: the tiny demo model bundled with rg_mlx.
         dtype: compute dtype, as in `load_model`.
         accelerate: the CPU accelerations, as in `load_model`.
+        adapter_path: a LoRA adapter folder, as in `load_model`.
     """
     folder = resolve(path_or_repo)
-    model = load_model(folder, dtype=dtype, accelerate=accelerate)
+    model = load_model(folder, dtype=dtype, accelerate=accelerate, adapter_path=adapter_path)
     tokenizer = Tokenizer(folder / "tokenizer.model")
     if tokenizer.vocab_size > model.args.vocab_size:
         raise RGError(

@@ -2,9 +2,10 @@
 
 Plain MLX layers and ops, one small class per block. Parameter names are Hugging Face's, so
 Hugging Face checkpoints and mlx-lm conversions load as they are. Every block takes
-`positions` `[B, T]`: the position of each token within its document (negative in left
-padding). A document starts where the position is 0: the RG-LRU restarts from zero there, and
-neither the conv nor the attention looks across the start.
+`positions` `[B, T]`: the position of each token within its document, negative on padding (left
+or right, see `rg_mlx.state`). A document starts where the position is 0: the RG-LRU restarts from
+zero there, and neither the conv nor the attention looks across the start. A padding token changes
+no state.
 
 The state kept per sequence is fixed in size (see `rg_mlx.state`): per attention layer a ring
 of the last `window` keys and values, per recurrent layer the last conv inputs and the float32
@@ -27,7 +28,7 @@ import mlx.nn as nn
 
 from .config import ModelArgs
 from .kernels import rg_lru
-from .state import AttentionState, Caches, RecurrentState, make_cache, next_position, set_next_position
+from .state import AttentionState, Caches, RecurrentState, advance, make_cache, next_position, token_positions
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
@@ -111,7 +112,8 @@ class MLPBlock(nn.Module):
 class Conv1D(nn.Module):
     """Causal depthwise temporal conv: `out[t] = b + sum_s x[t-s] w[K-1-s]`, never across a document start.
 
-    The weight is stored `[L, K, 1]` (mlx-lm's layout); the state is the last K-1 inputs.
+    The weight is stored `[L, K, 1]` (mlx-lm's layout). Returns the output and the inputs it read
+    (`[B, K-1+T, L]`: the state, the last K-1 inputs before this call, then this call's).
     """
 
     def __init__(self, width: int, temporal_width: int = 4):
@@ -130,7 +132,7 @@ class Conv1D(nn.Module):
         for s in range(1, K):
             tap = xp[:, K - 1 - s : K - 1 - s + T] * w[:, K - 1 - s]
             out = out + mx.where((positions >= s)[..., None], tap, 0)
-        return out + self.bias.astype(x.dtype), xp[:, -(K - 1) :]
+        return out + self.bias.astype(x.dtype), xp
 
 
 class RGLRU(nn.Module):
@@ -139,6 +141,7 @@ class RGLRU(nn.Module):
     `r_t = sigmoid(W_a x_t + b_a)`, `i_t = sigmoid(W_x x_t + b_x)`, `a_t = a^(c r_t)` with
     `log a = -softplus(recurrent_param)`, `h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)`; the gates are
     block-diagonal, one block per head. The recurrence runs in float32 (`rg_mlx.kernels.rg_lru`).
+    A `padding` step leaves `h` exactly as it is: `r = sigmoid(-inf) = 0` makes `a = 1` and `x = 0` adds nothing.
     """
 
     def __init__(self, width: int, num_heads: int, ops: Ops):
@@ -158,9 +161,14 @@ class RGLRU(nn.Module):
         y = (xh @ w).swapaxes(0, 1) + b  # weight layout [H, in, out]
         return y.reshape(B, T, L)
 
-    def __call__(self, x: mx.array, positions: mx.array, h: mx.array | None) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, x: mx.array, positions: mx.array, h: mx.array | None, padding: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
         gate_x = self._block_diagonal(x, self.input_gate_weight, self.input_gate_bias)
         gate_a = self._block_diagonal(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
+        if padding is not None:
+            pad = padding[..., None]
+            x, gate_a = mx.where(pad, 0, x), mx.where(pad, -mx.inf, gate_a)
         return self.ops.rg_lru(x, gate_x, gate_a, self.recurrent_param, reset=positions == 0, h0=h)
 
 
@@ -181,10 +189,10 @@ class RecurrentBlock(nn.Module):
         state = RecurrentState(cache) if cache is not None else None
         y = self.linear_y(x)
         x = self.linear_x(x)
-        x, conv = self.conv_1d(x, positions, state.conv if state else None)
-        x, h = self.rg_lru(x, positions, state.h if state else None)
+        x, conv_inputs = self.conv_1d(x, positions, state.conv if state else None)
+        x, h = self.rg_lru(x, positions, state.h if state else None, state.padding(positions) if state else None)
         if state:
-            state.conv, state.h = conv, h
+            state.write(conv_inputs, h, positions)
         return self.linear_out(self.ops.gelu_gate(y, x))
 
 
@@ -236,7 +244,7 @@ class LocalAttentionBlock(nn.Module):
         past = self.ops.ring(state, positions, self.window) if state and state.keys is not None else None
         out = self._attend(q, k, v, positions, past)
         if state:
-            self._update_ring(state, k, v, positions)
+            state.write(k, v, positions, self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
     def _attend(self, q, k, v, positions, past) -> mx.array:
@@ -254,22 +262,6 @@ class LocalAttentionBlock(nn.Module):
             mask = window_mask(positions[:, s:e], k_pos, self.window)
             outs.append(self.ops.attention(q[:, :, s:e], keys, values, self.scale, mask))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-    def _update_ring(self, state: AttentionState, k: mx.array, v: mx.array, positions: mx.array) -> None:
-        """Write the last min(T, window) keys and values into the slots `position % window`."""
-        B, n_kv, T, D = k.shape
-        W = self.window
-        if state.keys is None:
-            state.keys = mx.zeros((B, n_kv, W, D), k.dtype)
-            state.values = mx.zeros((B, n_kv, W, D), v.dtype)
-            state.key_slots = mx.zeros((B, W), mx.int32)
-        n = min(T, W)
-        pos = positions[:, T - n :]
-        slots = mx.remainder(pos, W)  # [B, n], distinct within a row
-        idx = slots[:, None, :, None]
-        state.keys = mx.put_along_axis(state.keys, idx, k[:, :, T - n :], axis=2)
-        state.values = mx.put_along_axis(state.values, idx, v[:, :, T - n :], axis=2)
-        state.key_slots = mx.put_along_axis(state.key_slots, slots, AttentionState.slots_of(pos), axis=1)
 
 
 class ResidualBlock(nn.Module):
@@ -307,11 +299,11 @@ class Griffin(nn.Module):
         if self.scale is not None:
             x = x * mx.array(self.scale, x.dtype)
         start = next_position(cache, B)
-        positions = start[:, None] + mx.arange(T, dtype=mx.int32)  # [B, T]
+        positions = token_positions(cache, start, T)  # [B, T]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cache[i] if cache is not None else None)
         if cache is not None:
-            set_next_position(cache, start + T)
+            advance(cache, start, T)
         return self.final_norm(x)
 
 

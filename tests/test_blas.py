@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import rg_mlx
@@ -200,3 +201,134 @@ def test_the_test_suite_runs_with_the_configured_blas():
     value = os.environ.get("RG_MLX_BLAS", "auto")
     expected = {"off": "reference (RG_MLX_BLAS=off)", "mkl": "mkl ", "openblas": "openblas "}.get(value)
     assert _blas.active().startswith(expected or expected_auto())
+
+
+# -- The router's product for 4 to 8 rows (rg_rows_sgemm: reads the weight once, split over the cores) ------------
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+F32 = ctypes.POINTER(ctypes.c_float)
+
+
+def router_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(_blas._router())
+    lib.rg_rows_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, F32, ctypes.c_int, F32, ctypes.c_int,
+                                                       ctypes.c_float, F32, ctypes.c_int]
+    lib.rg_rows_kernel.restype = ctypes.c_char_p
+    lib.rg_rows_calls.restype = ctypes.c_long
+    return lib
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray, bound: np.ndarray) -> float:
+    """Max |got - expected| over the sum of the magnitudes of the terms (float32 rounding: ~1e-7 to 1e-6)."""
+    return float((np.abs(got - expected) / bound).max())
+
+
+# (rows of W = outputs, columns = inputs): odd widths, shorter and longer than the vector width, one with the
+# outputs split over the threads (at least 16K floats of W each), padded leading dimensions.
+ROW_SHAPES = [(1, 1), (2, 15), (33, 17), (45, 130), (1001, 131), (7, 4099)]
+
+
+@pytest.mark.skipif(not have_router(), reason="the router was not built")
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512"])
+def test_rows_product_matches_float64(kernel, monkeypatch):
+    lib = router_library()
+    monkeypatch.setenv("RG_MLX_ROWS_KERNEL", kernel)
+    if lib.rg_rows_kernel().decode() != kernel:
+        pytest.skip(f"this CPU has no {kernel}")
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for m in range(1, 9):
+        for n, k in ROW_SHAPES:
+            x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
+            for transa in (NO_TRANS, TRANS):
+                for transb in (TRANS, NO_TRANS):  # W as x @ W.T passes it, and stored transposed
+                    # Stored with padded leading dimensions, as views of larger arrays are.
+                    a = np.zeros((m, k + 3) if transa == NO_TRANS else (k, m + 3), np.float32)
+                    a[:m, :k] = x if transa == NO_TRANS else 0
+                    if transa == TRANS:
+                        a[:k, :m] = x.T
+                    b = np.zeros((n, k + 5) if transb == TRANS else (k, n + 5), np.float32)
+                    if transb == TRANS:
+                        b[:n, :k] = w
+                    else:
+                        b[:k, :n] = w.T
+                    for alpha, beta in [(1.0, 0.0), (0.5, 2.0)]:
+                        c0 = rng.standard_normal((m, n + 2)).astype(np.float32)
+                        c = c0.copy()
+                        if beta == 0.0:
+                            c[:, :n] = np.nan  # BLAS: with beta 0, C is not read
+                        assert lib.rg_rows_sgemm(ROW_MAJOR, transa, transb, m, n, k, alpha, a.ctypes.data_as(F32),
+                                                 a.shape[1], b.ctypes.data_as(F32), b.shape[1], beta,
+                                                 c.ctypes.data_as(F32), c.shape[1]) == 0
+                        product = x.astype(np.float64) @ w.T.astype(np.float64)
+                        expected = alpha * product + beta * c0[:, :n]
+                        bound = np.abs(alpha) * np.abs(x).astype(np.float64) @ np.abs(w).T + abs(beta) * np.abs(c0[:, :n])
+                        worst = max(worst, relative_error(c[:, :n], expected, bound))
+                        assert np.array_equal(c[:, n:], c0[:, n:])  # beyond n: untouched
+    assert worst <= 1e-5, worst
+    # What it does not take (the router then calls sgemm).
+    none = ctypes.cast(None, F32)
+    assert lib.rg_rows_sgemm(102, NO_TRANS, TRANS, 4, 8, 8, 1.0, none, 8, none, 8, 0.0, none, 8) == -1  # column-major
+    assert lib.rg_rows_sgemm(ROW_MAJOR, NO_TRANS, TRANS, 9, 8, 8, 1.0, none, 8, none, 8, 0.0, none, 8) == -1
+
+
+# MLX's products of 3 to 9 rows by a weight of over 1M floats, in the layouts MLX passes: the router sends those
+# of 4 to 8 rows (and only those) to rg_rows_sgemm.
+ROWS_PROBE = """
+import ctypes, json, numpy as np
+import rg_mlx
+import mlx.core as mx
+lib = ctypes.CDLL(rg_mlx._blas._router())
+lib.rg_rows_calls.restype = ctypes.c_long
+rng = np.random.default_rng(0)
+n, k = 1029, 1031
+w, bias = rng.standard_normal((n, k), np.float32), rng.standard_normal((n,), np.float32)
+W, B = mx.array(w), mx.array(bias)
+calls, err = {}, 0.0
+for m in range(3, 10):
+    x = rng.standard_normal((m, k), np.float32)
+    X = mx.array(x)
+    before = lib.rg_rows_calls()
+    got = [X @ W.T, mx.addmm(B, X, W.T), mx.array(x.T.copy()).T @ W.T, X @ mx.array(w.T.copy())]
+    mx.eval(got)
+    calls[m] = lib.rg_rows_calls() - before
+    product = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = np.abs(x).astype(np.float64) @ np.abs(w).T + np.abs(bias)
+    for g, e in zip(got, [product, product + bias, product, product]):
+        err = max(err, float((np.abs(np.array(g) - e) / bound).max()))
+print(json.dumps({"calls": calls, "err": err}))
+"""
+
+
+@pytest.mark.skipif(not (have_router() and have_openblas()), reason="needs the router and an OpenBLAS")
+def test_mlx_products_of_four_to_eight_rows_go_to_the_rows_kernel():
+    result, _ = run_probe("openblas", ROWS_PROBE, debug_bindings=False)
+    assert result["calls"] == {"3": 0, "4": 4, "5": 4, "6": 4, "7": 4, "8": 4, "9": 0}
+    assert result["err"] <= 1e-5
+
+
+FORK_PROBE = """
+import ctypes, os, numpy as np
+import rg_mlx
+lib = ctypes.CDLL(rg_mlx._blas._router())
+F32 = ctypes.POINTER(ctypes.c_float)
+n, k = 4001, 257
+w, x, c = np.ones((n, k), np.float32), np.ones((4, k), np.float32), np.zeros((4, n), np.float32)
+def product():
+    p = lambda a: a.ctypes.data_as(F32)
+    assert lib.rg_rows_sgemm(101, 111, 112, 4, n, k, ctypes.c_float(1.0), p(x), k, p(w), k, ctypes.c_float(0.0), p(c), n) == 0
+    assert (c == k).all()
+product()  # the parent's workers start
+pid = os.fork()
+if pid == 0:
+    product()  # the child has none: it must start its own, not wait for the parent's
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not have_router(), reason="the router was not built")
+def test_rows_product_works_in_a_forked_child():
+    proc = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "child 0", proc.stderr[-2000:]
