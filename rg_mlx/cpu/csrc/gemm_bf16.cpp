@@ -1,0 +1,104 @@
+// bfloat16 x bfloat16 matrix products with AVX512_BF16's vdpbf16ps (float32 accumulation); compiled with
+// -mavx512bf16 and the AVX-512 flags, called only where CPUID has AVX512_BF16.
+//
+// out[m, n] = sum_k x[m, k] w[n, k]. vdpbf16ps adds to each float32 lane the products of one pair of
+// bfloat16s from each operand: a weight pair w[n, 2k .. 2k+1] is broadcast to all lanes and x is packed
+// so that one vector holds the pair (x[m, 2k], x[m, 2k+1]) for 16 rows m. A micro-kernel keeps a block
+// of ROWS weight rows x BF16_PANEL activation rows in 24 registers over KC_PAIRS pairs of k; the sums
+// are kept in a float32 scratch block [n][m] between the k blocks, then written out transposed.
+// An odd K's last column is added in the epilogue.
+#include <immintrin.h>
+
+#include "convert.h"
+#include "kernels.h"
+
+namespace rg_native {
+namespace {
+
+constexpr int ROWS = 6;  // weight rows per micro-kernel
+constexpr int VECS = BF16_PANEL / 16;  // activation vectors per micro-kernel (ROWS * VECS = 24 accumulators)
+constexpr int KC_PAIRS = 128;  // pairs of k per block: a panel's slice of x is 32 KB
+
+alignas(64) const uint16_t zero_row[2 * KC_PAIRS] = {};
+
+// c[i * ldc + j] (+)= sum over kp pairs of rows[i] . xp (ROWS x BF16_PANEL).
+void micro_kernel(int kp, const uint16_t* const* rows, const uint32_t* xp, float* c, long ldc, bool first) {
+  __m512 acc[ROWS][VECS];
+  for (int i = 0; i < ROWS; ++i)
+    for (int v = 0; v < VECS; ++v) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + 16 * v);
+  for (int k = 0; k < kp; ++k) {
+    __m512bh xv[VECS];
+    for (int v = 0; v < VECS; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xp + (long)k * BF16_PANEL + 16 * v);
+    for (int i = 0; i < ROWS; ++i) {
+      uint32_t pair;
+      memcpy(&pair, rows[i] + 2 * k, 4);
+      const __m512bh wv = (__m512bh)_mm512_set1_epi32((int)pair);
+      for (int v = 0; v < VECS; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], wv, xv[v]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+}  // namespace
+
+size_t bf16_packed_x_size(int M, int K) {
+  const size_t panels = (M + BF16_PANEL - 1) / BF16_PANEL;
+  return panels * BF16_PANEL * (size_t)(K / 2);
+}
+
+void bf16_pack_x(const uint16_t* x, int M, int K, int panel, uint32_t* xp) {
+  const int kp = K / 2;
+  uint32_t* dst = xp + (size_t)panel * BF16_PANEL * kp;
+  for (int j = 0; j < BF16_PANEL; ++j) {
+    const int m = panel * BF16_PANEL + j;
+    if (m >= M) {
+      for (int k = 0; k < kp; ++k) dst[(long)k * BF16_PANEL + j] = 0;
+      continue;
+    }
+    const uint16_t* row = x + (long)m * K;
+    for (int k = 0; k < kp; ++k) {
+      uint32_t pair;
+      memcpy(&pair, row + 2 * k, 4);
+      dst[(long)k * BF16_PANEL + j] = pair;
+    }
+  }
+}
+
+size_t bf16_scratch_floats(int m_rows, int n_cols) {
+  const size_t panels = (m_rows + BF16_PANEL - 1) / BF16_PANEL;
+  const size_t rows = (n_cols + ROWS - 1) / ROWS * ROWS;
+  return panels * BF16_PANEL * rows;
+}
+
+void bf16_gemm_block(const uint16_t* x, const uint32_t* xp, int M, int K, const uint16_t* w, int m0, int m1, int n0,
+                     int n1, void* out, DType odt, long ldo, float* scratch) {
+  const int kp_total = K / 2;
+  const int panels = (m1 - m0 + BF16_PANEL - 1) / BF16_PANEL;
+  const long ldc = (long)panels * BF16_PANEL;
+  const uint32_t* xblock = xp + (size_t)(m0 / BF16_PANEL) * BF16_PANEL * kp_total;
+  for (int kb = 0; kb < kp_total; kb += KC_PAIRS) {
+    const int kp = kp_total - kb < KC_PAIRS ? kp_total - kb : KC_PAIRS;
+    for (int j = n0; j < n1; j += ROWS) {
+      const uint16_t* rows[ROWS];
+      for (int i = 0; i < ROWS; ++i) rows[i] = j + i < n1 ? w + (long)(j + i) * K + 2 * kb : zero_row;
+      float* c = scratch + (long)(j - n0) * ldc;
+      for (int p = 0; p < panels; ++p)
+        micro_kernel(kp, rows, xblock + (size_t)p * BF16_PANEL * kp_total + (size_t)kb * BF16_PANEL, c + p * BF16_PANEL,
+                     ldc, kb == 0);
+    }
+  }
+  if (kp_total == 0)
+    for (long i = 0; i < (long)(n1 - n0) * ldc; ++i) scratch[i] = 0.0f;
+  const bool odd = K % 2 == 1;
+  for (int m = m0; m < m1; ++m) {
+    const float xl = odd ? bf16_to_f32(x[(long)m * K + K - 1]) : 0.0f;
+    for (int n = n0; n < n1; ++n) {
+      float v = scratch[(long)(n - n0) * ldc + (m - m0)];
+      if (odd) v += xl * bf16_to_f32(w[(long)n * K + K - 1]);
+      store_scalar(out, odt, (size_t)m * ldo + n, v);
+    }
+  }
+}
+
+}  // namespace rg_native

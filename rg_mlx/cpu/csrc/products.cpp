@@ -1,0 +1,369 @@
+#include "products.h"
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <typeinfo>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+#include "pool.h"
+
+namespace mx = mlx::core;
+
+// The sgemm MLX's CPU backend itself calls, resolved by name at load: rg_mlx's router (OpenBLAS) when
+// rg_mlx's fast path loaded it, else the BLAS libmlx links.
+extern "C" void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace rg_native {
+namespace {
+
+// Products of up to this many rows read the weight once, decoding it on the fly; more rows go to the
+// blocked bfloat16 product or to sgemm.
+constexpr int DECODE_ROWS = 8;
+// Weights smaller than this run on the calling thread alone (waking the pool costs more).
+constexpr size_t MIN_SPLIT_BYTES = 256 << 10;
+// The float32 tile a quantized or float16 weight is widened into for sgemm, at most.
+constexpr size_t TILE_BYTES = 32 << 20;
+// The bfloat16 product's block of x rows and of weight rows per task.
+constexpr int BF16_M_BLOCK = 256, BF16_N_BLOCK = 96;
+
+enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };
+const char* const ISA_NAMES[] = {"portable", "avx2", "avx512", "avx512bf16"};
+
+Isa best_isa() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return AVX512BF16;
+  if (avx512) return AVX512;
+  if (avx2) return AVX2;
+#endif
+  return PORTABLE;
+}
+
+std::atomic<int> active_isa{-1};
+
+Isa current_isa() {
+  int isa = active_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    active_isa.store(isa, std::memory_order_relaxed);
+  }
+  return (Isa)isa;
+}
+
+const Kernels* kernels() {
+  switch (current_isa()) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case AVX512BF16:
+    case AVX512: return kernels_avx512();
+    case AVX2: return kernels_avx2();
+#endif
+    default: return kernels_portable();
+  }
+}
+
+DType to_dtype(mx::Dtype dt) {
+  if (dt == mx::float32) return DType::f32;
+  if (dt == mx::bfloat16) return DType::bf16;
+  if (dt == mx::float16) return DType::f16;
+  throw std::invalid_argument("[rg_mlx native] only float32, bfloat16 and float16 arrays are supported");
+}
+
+// One product, as the command encoder runs it: pointers into evaluated, row-contiguous arrays.
+struct Product {
+  const void* x;
+  DType xdt;
+  const void* w;  // dense: bfloat16 / float16 [N, K]
+  DType wdt;
+  Quantized q;  // q.bits == 0: dense
+  void* out;
+  DType odt;
+  int M, N, K;
+};
+
+// Contiguous parts of [0, n), about `parts` of them, each a multiple of `align` long; f(begin, end) each.
+template <class F>
+void split(int n, int parts, int align, F&& f) {
+  int step = (n + parts - 1) / parts;
+  step = (step + align - 1) / align * align;
+  const int count = (n + step - 1) / step;
+  parallel_for(count, [&](int i) { f(i * step, std::min(n, (i + 1) * step)); });
+}
+
+int parts_for(size_t bytes) { return bytes < MIN_SPLIT_BYTES ? 1 : 4 * pool_threads(); }
+
+void decode(const Product& p, const Kernels* k) {
+  static thread_local std::vector<float> xbuf, tmp;
+  const size_t n = (size_t)p.M * p.K;
+  xbuf.resize(n);
+  const bool nibbles = p.q.bits == 4;
+  if (!nibbles) {
+    k->widen(p.x, p.xdt, n, xbuf.data());
+  } else {
+    // The 4-bit kernel decodes a vector of packed bytes into the values of even k (low nibbles) and
+    // odd k (high nibbles): x is laid out to match, per chunk of 2 * width.
+    tmp.resize(n);
+    k->widen(p.x, p.xdt, n, tmp.data());
+    const int c = 2 * k->width;
+    for (size_t base = 0; base < n; base += c)
+      for (int i = 0; i < k->width; ++i) {
+        xbuf[base + i] = tmp[base + 2 * i];
+        xbuf[base + k->width + i] = tmp[base + 2 * i + 1];
+      }
+  }
+  const float* x = xbuf.data();
+  if (p.q.bits) {
+    const size_t bytes = (size_t)p.N * p.K * p.q.bits / 8;
+    split(p.N, parts_for(bytes), 4, [&](int n0, int n1) { k->q_rows(x, p.M, p.K, p.q, n0, n1, p.out, p.odt, p.N); });
+  } else {
+    const size_t bytes = (size_t)p.N * p.K * 2;
+    split(p.N, parts_for(bytes), 4,
+          [&](int n0, int n1) { k->h_rows(x, p.M, p.K, (const uint16_t*)p.w, p.wdt, n0, n1, p.out, p.odt, p.N); });
+  }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+void prompt_bf16(const Product& p) {
+  // (A thread_local named inside a lambda is the running thread's own: the tasks get plain pointers.)
+  static thread_local std::vector<uint32_t> xp_buf;
+  xp_buf.resize(bf16_packed_x_size(p.M, p.K));
+  uint32_t* xp = xp_buf.data();
+  const uint16_t* x = (const uint16_t*)p.x;
+  const int panels = (p.M + BF16_PANEL - 1) / BF16_PANEL;
+  parallel_for(panels, [&](int i) { bf16_pack_x(x, p.M, p.K, i, xp); });
+  const int mblocks = (p.M + BF16_M_BLOCK - 1) / BF16_M_BLOCK, nblocks = (p.N + BF16_N_BLOCK - 1) / BF16_N_BLOCK;
+  parallel_for(mblocks * nblocks, [&](int t) {
+    static thread_local std::vector<float> scratch;
+    scratch.resize(bf16_scratch_floats(BF16_M_BLOCK, BF16_N_BLOCK));
+    const int m0 = t / nblocks * BF16_M_BLOCK, n0 = t % nblocks * BF16_N_BLOCK;
+    bf16_gemm_block(x, xp, p.M, p.K, (const uint16_t*)p.w, m0, std::min(p.M, m0 + BF16_M_BLOCK), n0,
+                    std::min(p.N, n0 + BF16_N_BLOCK), p.out, p.odt, p.N, scratch.data());
+  });
+}
+#endif
+
+// Many rows on float32 sgemm: x widened once, the weight widened (or dequantized) tile by tile.
+void prompt_f32(const Product& p, const Kernels* k) {
+  static thread_local std::vector<float> xbuf, wbuf, cbuf;  // the tasks get plain pointers (see prompt_bf16)
+  const size_t xn = (size_t)p.M * p.K, cn = (size_t)p.M * p.N;
+  const float* x = (const float*)p.x;
+  if (p.xdt != DType::f32) {
+    xbuf.resize(xn);
+    float* xw = xbuf.data();
+    split((int)((xn + 4095) / 4096), pool_threads(), 1, [&](int a, int b) {
+      const size_t lo = (size_t)a * 4096, hi = std::min(xn, (size_t)b * 4096);
+      k->widen((const uint16_t*)p.x + lo, p.xdt, hi - lo, xw + lo);
+    });
+    x = xw;
+  }
+  float* c = (float*)p.out;
+  if (p.odt != DType::f32) {
+    cbuf.resize(cn);
+    c = cbuf.data();
+  }
+  const int tile = (int)std::max<size_t>(16, std::min<size_t>(p.N, TILE_BYTES / (4 * (size_t)p.K)));
+  wbuf.resize((size_t)tile * p.K);
+  float* wt = wbuf.data();
+  for (int t0 = 0; t0 < p.N; t0 += tile) {
+    const int t1 = std::min(p.N, t0 + tile);
+    split(t1 - t0, pool_threads(), 1, [&](int a, int b) {
+      float* dst = wt + (size_t)a * p.K;
+      if (p.q.bits)
+        k->dequantize(p.q, p.K, t0 + a, t0 + b, dst);
+      else
+        k->widen((const uint16_t*)p.w + (size_t)(t0 + a) * p.K, p.wdt, (size_t)(b - a) * p.K, dst);
+    });
+    cblas_sgemm(101, 111, 112, p.M, t1 - t0, p.K, 1.0f, x, p.K, wt, p.K, 0.0f, c + t0, p.N);
+  }
+  if (c != p.out)
+    split((int)((cn + 4095) / 4096), pool_threads(), 1, [&](int a, int b) {
+      const size_t lo = (size_t)a * 4096, hi = std::min(cn, (size_t)b * 4096);
+      k->narrow(c + lo, hi - lo, (uint16_t*)p.out + lo, p.odt);
+    });
+}
+
+void run(const Product& p) {
+  if (p.M == 0 || p.N == 0) return;
+  const Kernels* k = kernels();
+  if (p.K == 0) {
+    const size_t n = (size_t)p.M * p.N;
+    std::vector<float> zeros(n, 0.0f);
+    k->narrow(zeros.data(), n, p.out, p.odt);
+  } else if (p.M <= DECODE_ROWS) {
+    decode(p, k);
+#if defined(__x86_64__) || defined(_M_X64)
+  } else if (!p.q.bits && p.wdt == DType::bf16 && p.xdt == DType::bf16 && current_isa() == AVX512BF16) {
+    prompt_bf16(p);
+#endif
+  } else {
+    prompt_f32(p, k);
+  }
+}
+
+class Product_ : public mx::Primitive {
+ public:
+  Product_(mx::Stream stream, int bits, int group_size) : mx::Primitive(stream), bits_(bits), group_size_(group_size) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    for (const auto& a : inputs)
+      if (!a.flags().row_contiguous) throw std::runtime_error("[rg_mlx native] inputs must be row-contiguous");
+    Product p{};
+    p.x = x.data<void>();
+    p.xdt = to_dtype(x.dtype());
+    p.out = out.data<void>();
+    p.odt = to_dtype(out.dtype());
+    p.K = x.shape(-1);
+    p.N = out.shape(-1);
+    p.M = p.K > 0 ? (int)(x.size() / p.K) : (p.N > 0 ? (int)(out.size() / p.N) : 0);
+    if (bits_) {
+      p.q = Quantized{(const uint8_t*)w.data<void>(), inputs[2].data<void>(), inputs[3].data<void>(),
+                      to_dtype(inputs[2].dtype()), to_dtype(inputs[3].dtype()), bits_, group_size_};
+    } else {
+      p.w = w.data<void>();
+      p.wdt = to_dtype(w.dtype());
+    }
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([p]() { run(p); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[rg_mlx native] these products run on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const mx::array &x = primals[0], &w = primals[1];
+    const mx::array g = mx::astype(cotangents[0], mx::float32, stream());
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      if (arg == 0) {
+        // float32 products, so the gradient is accumulated in float32 whatever the dtypes.
+        mx::array dx = bits_ ? mx::quantized_matmul(g, w, mx::astype(primals[2], mx::float32, stream()),
+                                                    mx::astype(primals[3], mx::float32, stream()), false, group_size_,
+                                                    bits_, "affine", stream())
+                             : mx::matmul(g, mx::astype(w, mx::float32, stream()), stream());
+        grads.push_back(mx::astype(dx, x.dtype(), stream()));
+      } else if (arg == 1 && !bits_) {
+        const int K = x.shape(-1), N = w.shape(0);
+        mx::array g2 = mx::reshape(g, {-1, N}, stream());
+        mx::array x2 = mx::reshape(mx::astype(x, mx::float32, stream()), {-1, K}, stream());
+        grads.push_back(mx::astype(mx::matmul(mx::transpose(g2, stream()), x2, stream()), w.dtype(), stream()));
+      } else {
+        throw std::invalid_argument(
+            "[rg_mlx native] no gradient for a quantized weight, its scales or biases: they are frozen "
+            "(train LoRA adapters instead)");
+      }
+    }
+    return grads;
+  }
+
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override {
+    if (argnums.size() != 1 || argnums[0] != 0)
+      throw std::invalid_argument("[rg_mlx native] forward-mode derivatives only with respect to the activations");
+    const mx::array t = mx::astype(tangents[0], primals[0].dtype(), stream());
+    return {bits_ ? rg_native::quantized_matmul(t, primals[1], primals[2], primals[3], group_size_, bits_)
+                  : rg_native::matmul(t, primals[1])};
+  }
+
+  const char* name() const override { return bits_ ? "RgNativeQuantizedMatmul" : "RgNativeMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    if (typeid(other) != typeid(*this)) return false;
+    const auto& o = static_cast<const Product_&>(other);
+    return bits_ == o.bits_ && group_size_ == o.group_size_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int bits_, group_size_;
+};
+
+mx::Stream cpu_stream() {
+  mx::Stream s = mx::to_stream({});
+  return s.device == mx::Device::cpu ? s : mx::default_stream(mx::Device::cpu);
+}
+
+bool floating(mx::Dtype dt) { return dt == mx::float32 || dt == mx::bfloat16 || dt == mx::float16; }
+
+mx::array contiguous(const mx::array& a, const mx::Stream& s) {
+  return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, s);
+}
+
+mx::array make(const mx::array& x, const std::vector<mx::array>& inputs, mx::Dtype dtype, int bits, int group_size) {
+  const mx::Stream s = cpu_stream();
+  mx::Shape shape = x.shape();
+  shape.back() = inputs[0].shape(0);
+  std::vector<mx::array> args{contiguous(x, s)};
+  for (const auto& a : inputs) args.push_back(contiguous(a, s));
+  return mx::array(std::move(shape), dtype, std::make_shared<Product_>(s, bits, group_size), std::move(args));
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("[rg_mlx native] " + what);
+}
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                           int group_size, int bits) {
+  check(bits == 4 || bits == 8, "bits must be 4 or 8");
+  check(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  check(x.ndim() >= 1 && floating(x.dtype()), "x must be a float32, bfloat16 or float16 array");
+  check(w.ndim() == 2 && w.dtype() == mx::uint32, "w must be a 2-D uint32 array (MLX's packed format)");
+  const int K = x.shape(-1), N = w.shape(0);
+  check((long)w.shape(1) * 32 / bits == K, "x's last axis does not match w's packed width");
+  check(K % group_size == 0, "x's last axis is not a multiple of group_size");
+  const mx::Shape groups{N, K / group_size};
+  for (const auto* a : {&scales, &biases})
+    check(a->shape() == groups && floating(a->dtype()), "scales and biases must be float arrays [N, K / group_size]");
+  const mx::Dtype dtype = mx::promote_types(x.dtype(), mx::promote_types(scales.dtype(), biases.dtype()));
+  return make(x, {w, scales, biases}, dtype, bits, group_size);
+}
+
+mx::array matmul(const mx::array& x, const mx::array& w) {
+  check(x.ndim() >= 1 && floating(x.dtype()), "x must be a float32, bfloat16 or float16 array");
+  check(w.ndim() == 2 && (w.dtype() == mx::bfloat16 || w.dtype() == mx::float16),
+        "w must be a 2-D bfloat16 or float16 array");
+  check(x.shape(-1) == w.shape(1), "x's last axis does not match w's second axis");
+  return make(x, {w}, mx::promote_types(x.dtype(), w.dtype()), 0, 0);
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int i = best_isa(); i >= 0; --i) names.push_back(ISA_NAMES[i]);
+  return names;
+}
+
+std::string isa() { return ISA_NAMES[current_isa()]; }
+
+void set_isa(const std::string& name) {
+  for (int i = 0; i <= best_isa(); ++i)
+    if (name == ISA_NAMES[i]) {
+      active_isa.store(i, std::memory_order_relaxed);
+      return;
+    }
+  throw std::invalid_argument("[rg_mlx native] instruction set '" + name + "' is not available on this CPU");
+}
+
+}  // namespace rg_native
