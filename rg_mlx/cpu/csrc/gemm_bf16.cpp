@@ -6,7 +6,7 @@
 // so that one vector holds the pair (x[m, 2k], x[m, 2k+1]) for 16 rows m. A micro-kernel keeps a block
 // of ROWS weight rows x BF16_PANEL activation rows in 24 registers over KC_PAIRS pairs of k; the sums
 // are kept in a float32 scratch block [n][m] between the k blocks, then written out transposed.
-// An odd K's last column is added in the epilogue.
+// An odd K's last column is added in the epilogue. `bf16_rows` is the decode product (up to 8 rows).
 #include <immintrin.h>
 
 #include "convert.h"
@@ -40,7 +40,48 @@ void micro_kernel(int kp, const uint16_t* const* rows, const uint32_t* xp, float
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
 }
 
+// Decode: out[m, n .. n + NR) for bfloat16 x and w, 32 values of k per vdpbf16ps; the tail of K through
+// masked loads (zeros add nothing).
+template <int M, int NR>
+void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, void* out, DType odt, long ldo) {
+  __m512 acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+    __m512bh xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (long)(n + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) store_scalar(out, odt, m * ldo + n + r, _mm512_reduce_add_ps(acc[m][r]));
+}
+
+template <int M>
+void decode_rows_m(const uint16_t* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
+  constexpr int NR = 16 / M > 8 ? 8 : 16 / M;
+  int n = n0;
+  for (; n + NR <= n1; n += NR) decode_pass<M, NR>(x, K, w, n, out, odt, ldo);
+  for (; n < n1; ++n) decode_pass<M, 1>(x, K, w, n, out, odt, ldo);
+}
+
 }  // namespace
+
+void bf16_rows(const uint16_t* x, int M, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
+  switch (M) {
+    case 1: return decode_rows_m<1>(x, K, w, n0, n1, out, odt, ldo);
+    case 2: return decode_rows_m<2>(x, K, w, n0, n1, out, odt, ldo);
+    case 3: return decode_rows_m<3>(x, K, w, n0, n1, out, odt, ldo);
+    case 4: return decode_rows_m<4>(x, K, w, n0, n1, out, odt, ldo);
+    case 5: return decode_rows_m<5>(x, K, w, n0, n1, out, odt, ldo);
+    case 6: return decode_rows_m<6>(x, K, w, n0, n1, out, odt, ldo);
+    case 7: return decode_rows_m<7>(x, K, w, n0, n1, out, odt, ldo);
+    default: return decode_rows_m<8>(x, K, w, n0, n1, out, odt, ldo);
+  }
+}
 
 size_t bf16_packed_x_size(int M, int K) {
   const size_t panels = (M + BF16_PANEL - 1) / BF16_PANEL;

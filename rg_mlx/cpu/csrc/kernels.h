@@ -51,6 +51,8 @@ const Kernels* kernels_avx512();
 // (`bf16_pack_x`, one call per panel); then `bf16_gemm_block` computes out[m, n] for m in [m0, m1) (m0 a
 // multiple of BF16_PANEL) and n in [n0, n1), with `scratch` (`bf16_scratch_floats`) for float32 sums.
 constexpr int BF16_PANEL = 64;
+// Decode (M <= 8) with bfloat16 x and w: out[m, n] for n in [n0, n1), as Kernels::h_rows.
+void bf16_rows(const uint16_t* x, int M, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo);
 size_t bf16_packed_x_size(int M, int K);  // in uint32 (pairs of bfloat16)
 void bf16_pack_x(const uint16_t* x, int M, int K, int panel, uint32_t* xp);
 size_t bf16_scratch_floats(int m_rows, int n_cols);

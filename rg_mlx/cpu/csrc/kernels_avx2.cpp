@@ -7,6 +7,7 @@ namespace rg_native {
 namespace {
 
 struct Avx2 {
+  static constexpr int ACCUMULATORS = 6;
   static constexpr int W = 8;
   using F = __m256;
   static F zero() { return _mm256_setzero_ps(); }

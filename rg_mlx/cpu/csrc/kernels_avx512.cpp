@@ -8,6 +8,7 @@ namespace rg_native {
 namespace {
 
 struct Avx512 {
+  static constexpr int ACCUMULATORS = 16;
   static constexpr int W = 16;
   using F = __m512;
   static F zero() { return _mm512_setzero_ps(); }

@@ -2,7 +2,8 @@
 // per instruction set: kernels_portable.cpp, kernels_avx2.cpp and kernels_avx512.cpp each define V and
 // include this file. Everything here has internal linkage (see kernels.h for why).
 //
-// V provides: F (W floats), zero, load, store, set1, fma, sum; u8 (W bytes as floats 0..255); G4 and
+// V provides: W (lanes), ACCUMULATORS (how many F to keep in registers), F (W floats), zero, load, store,
+// set1, fma, sum; u8 (W bytes as floats 0..255); G4 and
 // group4(scale, bias) (what a 4-bit group needs to dequantize); deq4 (W bytes = 2W values of a group
 // to floats: lo = values 2i, hi = values 2i+1); interleave (lo, hi back to value order); bf16 and f16
 // (W half values as floats); narrow_bf16 / narrow_f16 (W floats to half values).
@@ -14,11 +15,13 @@
 namespace rg_native {
 namespace {
 
-// Output rows per pass for M activation rows: the weight rows share each load of x, and M * NR
-// accumulators stay in registers.
-template <int M>
+// Weight rows per pass for M activation rows: the rows share each load of x (with several rows of x,
+// reading x from cache rather than the weight from memory is what limits a pass), while the M * NR
+// accumulators (at most V::ACCUMULATORS) and NR dequantizers stay in registers.
+template <class V, int M>
 constexpr int rows_per_pass() {
-  return M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int nr = V::ACCUMULATORS / M < 1 ? 1 : V::ACCUMULATORS / M;
+  return nr > 8 ? 8 : nr;
 }
 
 // out[m, n .. n + NR) for a quantized weight.
@@ -68,7 +71,7 @@ void q_pass(const float* x, int K, const Quantized& q, int n, void* out, DType o
 
 template <class V, int BITS, int M>
 void q_rows_m(const float* x, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
-  constexpr int NR = rows_per_pass<M>();
+  constexpr int NR = rows_per_pass<V, M>();
   int n = n0;
   for (; n + NR <= n1; n += NR) q_pass<V, BITS, M, NR>(x, K, q, n, out, odt, ldo);
   for (; n < n1; ++n) q_pass<V, BITS, M, 1>(x, K, q, n, out, odt, ldo);
@@ -123,7 +126,7 @@ void h_pass(const float* x, int K, const uint16_t* w, int n, void* out, DType od
 
 template <class V, bool BF16, int M>
 void h_rows_m(const float* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
-  constexpr int NR = rows_per_pass<M>();
+  constexpr int NR = rows_per_pass<V, M>();
   int n = n0;
   for (; n + NR <= n1; n += NR) h_pass<V, BF16, M, NR>(x, K, w, n, out, odt, ldo);
   for (; n < n1; ++n) h_pass<V, BF16, M, 1>(x, K, w, n, out, odt, ldo);

@@ -5,6 +5,7 @@ namespace rg_native {
 namespace {
 
 struct Portable {
+  static constexpr int ACCUMULATORS = 4;
   static constexpr int W = 8;
   struct F {
     float v[W];
@@ -25,7 +26,8 @@ struct Portable {
   }
   static F fma(const F& a, const F& b, const F& c) {
     F r;
-    for (int i = 0; i < W; ++i) r.v[i] = __builtin_fmaf(a.v[i], b.v[i], c.v[i]);
+    // Not fmaf: without FMA instructions that is a library call; the compiler contracts this where it can.
+    for (int i = 0; i < W; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
     return r;
   }
   static float sum(const F& a) {
@@ -44,8 +46,8 @@ struct Portable {
   static G4 group4(float s, float b) { return G4{s, b}; }
   static void deq4(const uint8_t* p, const G4& g, F& lo, F& hi) {
     for (int i = 0; i < W; ++i) {
-      lo.v[i] = __builtin_fmaf((float)(p[i] & 15), g.s, g.b);
-      hi.v[i] = __builtin_fmaf((float)(p[i] >> 4), g.s, g.b);
+      lo.v[i] = (float)(p[i] & 15) * g.s + g.b;
+      hi.v[i] = (float)(p[i] >> 4) * g.s + g.b;
     }
   }
   static void interleave(float* d, const F& lo, const F& hi) {

@@ -102,6 +102,14 @@ void split(int n, int parts, int align, F&& f) {
 int parts_for(size_t bytes) { return bytes < MIN_SPLIT_BYTES ? 1 : 4 * pool_threads(); }
 
 void decode(const Product& p, const Kernels* k) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!p.q.bits && p.wdt == DType::bf16 && p.xdt == DType::bf16 && current_isa() == AVX512BF16) {
+    split(p.N, parts_for((size_t)p.N * p.K * 2), 4, [&](int n0, int n1) {
+      bf16_rows((const uint16_t*)p.x, p.M, p.K, (const uint16_t*)p.w, n0, n1, p.out, p.odt, p.N);
+    });
+    return;
+  }
+#endif
   static thread_local std::vector<float> xbuf, tmp;
   const size_t n = (size_t)p.M * p.K;
   xbuf.resize(n);
