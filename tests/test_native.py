@@ -368,6 +368,22 @@ def test_layer_replacements():
     assert native_layer(nn.QuantizedLinear(64, 16, group_size=32, bits=4, mode="mxfp4")) is None
 
 
+@needs_native
+def test_instruction_set_from_environment(monkeypatch):
+    previous = native.isa()
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_native", None)
+    try:
+        monkeypatch.setenv(native.ISA_ENV_VAR, "portable")
+        assert native.isa() == "portable" and native.status().startswith("portable, ")
+        monkeypatch.setenv(native.ISA_ENV_VAR, "sse1")
+        monkeypatch.setattr(native, "_status", None)
+        assert native.status().endswith(f"; {native.ISA_ENV_VAR}=sse1 ignored: this CPU has "
+                                        f"{', '.join(native.supported_isas())}")
+    finally:
+        native.set_isa(previous)
+
+
 def test_fallback_when_turned_off(monkeypatch):
     """RG_MLX_NATIVE=off: not loaded, one status line, no swap, and the layers still compute (with MLX)."""
     monkeypatch.setenv(native.ENV_VAR, "off")

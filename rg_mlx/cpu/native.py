@@ -57,13 +57,16 @@ def _load() -> tuple[ModuleType | None, str]:
                       f"(MLX's own products run; {REBUILD_HINT})")
     try:
         module = importlib.import_module(_MODULE)
-        isa = os.environ.get(ISA_ENV_VAR, "").strip().lower()
-        if isa:
-            module.set_isa(isa)
         _self_test(module)
     except (ImportError, TypeError, ValueError, RuntimeError) as e:
         return None, f"not loaded: {str(e).splitlines()[0]} ({REBUILD_HINT})"
-    return module, f"{module.isa()}, {module.threads()} threads (built for MLX {built_for})"
+    note = ""
+    isa = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if isa and isa not in module.supported_isas():
+        note = f"; {ISA_ENV_VAR}={isa} ignored: this CPU has {', '.join(module.supported_isas())}"
+    elif isa:
+        module.set_isa(isa)
+    return module, f"{module.isa()}, {module.threads()} threads (built for MLX {built_for}){note}"
 
 
 def _self_test(module: ModuleType) -> None:

@@ -90,7 +90,8 @@ struct Product {
   int M, N, K;
 };
 
-// Contiguous parts of [0, n), about `parts` of them, each a multiple of `align` long; f(begin, end) each.
+// Contiguous parts of [0, n), about `parts` of them, each a multiple of `align` long (the kernels' rows
+// per pass); f(begin, end) for each, over the pool.
 template <class F>
 void split(int n, int parts, int align, F&& f) {
   int step = (n + parts - 1) / parts;
@@ -104,7 +105,7 @@ int parts_for(size_t bytes) { return bytes < MIN_SPLIT_BYTES ? 1 : 4 * pool_thre
 void decode(const Product& p, const Kernels* k) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (!p.q.bits && p.wdt == DType::bf16 && p.xdt == DType::bf16 && current_isa() == AVX512BF16) {
-    split(p.N, parts_for((size_t)p.N * p.K * 2), 4, [&](int n0, int n1) {
+    split(p.N, parts_for((size_t)p.N * p.K * 2), 8, [&](int n0, int n1) {
       bf16_rows((const uint16_t*)p.x, p.M, p.K, (const uint16_t*)p.w, n0, n1, p.out, p.odt, p.N);
     });
     return;
@@ -131,10 +132,10 @@ void decode(const Product& p, const Kernels* k) {
   const float* x = xbuf.data();
   if (p.q.bits) {
     const size_t bytes = (size_t)p.N * p.K * p.q.bits / 8;
-    split(p.N, parts_for(bytes), 4, [&](int n0, int n1) { k->q_rows(x, p.M, p.K, p.q, n0, n1, p.out, p.odt, p.N); });
+    split(p.N, parts_for(bytes), 8, [&](int n0, int n1) { k->q_rows(x, p.M, p.K, p.q, n0, n1, p.out, p.odt, p.N); });
   } else {
     const size_t bytes = (size_t)p.N * p.K * 2;
-    split(p.N, parts_for(bytes), 4,
+    split(p.N, parts_for(bytes), 8,
           [&](int n0, int n1) { k->h_rows(x, p.M, p.K, (const uint16_t*)p.w, p.wdt, n0, n1, p.out, p.odt, p.N); });
   }
 }
@@ -217,9 +218,11 @@ void run(const Product& p) {
   }
 }
 
-class Product_ : public mx::Primitive {
+class NativeProduct : public mx::Primitive {
  public:
-  Product_(mx::Stream stream, int bits, int group_size) : mx::Primitive(stream), bits_(bits), group_size_(group_size) {}
+  // bits 0: a dense half-precision weight; 4 or 8: MLX's affine format.
+  NativeProduct(mx::Stream stream, int bits, int group_size)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     mx::array& out = outputs[0];
@@ -293,7 +296,7 @@ class Product_ : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     if (typeid(other) != typeid(*this)) return false;
-    const auto& o = static_cast<const Product_&>(other);
+    const auto& o = static_cast<const NativeProduct&>(other);
     return bits_ == o.bits_ && group_size_ == o.group_size_;
   }
 
@@ -324,7 +327,7 @@ mx::array make(const mx::array& x, const std::vector<mx::array>& inputs, mx::Dty
   shape.back() = inputs[0].shape(0);
   std::vector<mx::array> args{contiguous(x, s)};
   for (const auto& a : inputs) args.push_back(contiguous(a, s));
-  return mx::array(std::move(shape), dtype, std::make_shared<Product_>(s, bits, group_size), std::move(args));
+  return mx::array(std::move(shape), dtype, std::make_shared<NativeProduct>(s, bits, group_size), std::move(args));
 }
 
 void check(bool ok, const std::string& what) {
