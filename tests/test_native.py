@@ -205,12 +205,14 @@ def test_concurrent_streams():
 
 @needs_native
 @pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16], ids=str)
-def test_gradients_match_mlx(x_dtype):
+@pytest.mark.parametrize("x_shape", [(1, 128), (3, 5, 128)], ids=["one row", "15 rows"])
+def test_gradients_match_mlx(x_dtype, x_shape):
+    """The activations' gradient (computed on the native products too: x @ w for the backward of x @ w.T)."""
     rng = np.random.default_rng(13)
-    w, scales, biases = quantized(rng, 48, 128, 32, 4, mx.float32)
+    w, scales, biases = quantized(rng, 48, 128, 32, 4, mx.bfloat16 if len(x_shape) == 2 else mx.float32)
     wd = mx.array(rng.standard_normal((48, 128)).astype(np.float32)).astype(mx.bfloat16)
-    x = mx.array(rng.standard_normal((3, 5, 128)).astype(np.float32)).astype(x_dtype)
-    c = mx.array(rng.standard_normal((3, 5, 48)).astype(np.float32))
+    x = mx.array(rng.standard_normal(x_shape).astype(np.float32)).astype(x_dtype)
+    c = mx.array(rng.standard_normal((*x_shape[:-1], 48)).astype(np.float32))
 
     def ours(x):
         return (native.quantized_matmul(x, w, scales, biases, 32, 4) * c).sum()

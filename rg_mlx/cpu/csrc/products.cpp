@@ -87,7 +87,8 @@ struct Product {
   Quantized q;  // q.bits == 0: dense
   void* out;
   DType odt;
-  int M, N, K;
+  int M, N, K;  // x [M, K] (transposed: [M, N]), weight [N, K]
+  bool transposed;  // out = x @ weight [M, K] (the gradient's product) instead of x @ weight.T [M, N]
 };
 
 // Contiguous parts of [0, n), about `parts` of them, each a multiple of `align` long (the kernels' rows
@@ -160,10 +161,12 @@ void prompt_bf16(const Product& p) {
 }
 #endif
 
-// Many rows on float32 sgemm: x widened once, the weight widened (or dequantized) tile by tile.
+// Many rows on float32 sgemm: x widened once, the weight widened (or dequantized) tile by tile of its
+// rows, each tile's product written (or, transposed, accumulated) into float32.
 void prompt_f32(const Product& p, const Kernels* k) {
   static thread_local std::vector<float> xbuf, wbuf, cbuf;  // the tasks get plain pointers (see prompt_bf16)
-  const size_t xn = (size_t)p.M * p.K, cn = (size_t)p.M * p.N;
+  const int x_cols = p.transposed ? p.N : p.K, out_cols = p.transposed ? p.K : p.N;
+  const size_t xn = (size_t)p.M * x_cols, cn = (size_t)p.M * out_cols;
   const float* x = (const float*)p.x;
   if (p.xdt != DType::f32) {
     xbuf.resize(xn);
@@ -191,7 +194,10 @@ void prompt_f32(const Product& p, const Kernels* k) {
       else
         k->widen((const uint16_t*)p.w + (size_t)(t0 + a) * p.K, p.wdt, (size_t)(b - a) * p.K, dst);
     });
-    cblas_sgemm(101, 111, 112, p.M, t1 - t0, p.K, 1.0f, x, p.K, wt, p.K, 0.0f, c + t0, p.N);
+    if (p.transposed)  // c [M, K] += x[:, t0:t1] @ tile
+      cblas_sgemm(101, 111, 111, p.M, p.K, t1 - t0, 1.0f, x + t0, p.N, wt, p.K, t0 ? 1.0f : 0.0f, c, p.K);
+    else  // c[:, t0:t1] = x @ tile.T
+      cblas_sgemm(101, 111, 112, p.M, t1 - t0, p.K, 1.0f, x, p.K, wt, p.K, 0.0f, c + t0, p.N);
   }
   if (c != p.out)
     split((int)((cn + 4095) / 4096), pool_threads(), 1, [&](int a, int b) {
@@ -201,12 +207,15 @@ void prompt_f32(const Product& p, const Kernels* k) {
 }
 
 void run(const Product& p) {
-  if (p.M == 0 || p.N == 0) return;
+  const int inner = p.transposed ? p.N : p.K, outer = p.transposed ? p.K : p.N;
+  if (p.M == 0 || outer == 0) return;
   const Kernels* k = kernels();
-  if (p.K == 0) {
-    const size_t n = (size_t)p.M * p.N;
+  if (inner == 0) {
+    const size_t n = (size_t)p.M * outer;
     std::vector<float> zeros(n, 0.0f);
     k->narrow(zeros.data(), n, p.out, p.odt);
+  } else if (p.transposed) {
+    prompt_f32(p, k);
   } else if (p.M <= DECODE_ROWS) {
     decode(p, k);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -218,11 +227,17 @@ void run(const Product& p) {
   }
 }
 
+// The weight's columns: K of [N, K], unpacked for a quantized weight.
+int weight_columns(const mx::array& w, int bits) { return bits ? (int)((long)w.shape(1) * 32 / bits) : w.shape(1); }
+
+mx::array product(const mx::array& x, const std::vector<mx::array>& weights, mx::Dtype dtype, int bits,
+                  int group_size, bool transposed);
+
 class NativeProduct : public mx::Primitive {
  public:
-  // bits 0: a dense half-precision weight; 4 or 8: MLX's affine format.
-  NativeProduct(mx::Stream stream, int bits, int group_size)
-      : mx::Primitive(stream), bits_(bits), group_size_(group_size) {}
+  // bits 0: a dense half-precision weight; 4 or 8: MLX's affine format. transposed: x @ w, else x @ w.T.
+  NativeProduct(mx::Stream stream, int bits, int group_size, bool transposed)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size), transposed_(transposed) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     mx::array& out = outputs[0];
@@ -236,9 +251,11 @@ class NativeProduct : public mx::Primitive {
     p.xdt = to_dtype(x.dtype());
     p.out = out.data<void>();
     p.odt = to_dtype(out.dtype());
-    p.K = x.shape(-1);
-    p.N = out.shape(-1);
-    p.M = p.K > 0 ? (int)(x.size() / p.K) : (p.N > 0 ? (int)(out.size() / p.N) : 0);
+    p.transposed = transposed_;
+    p.N = w.shape(0);
+    p.K = weight_columns(w, bits_);
+    const int x_cols = x.shape(-1), out_cols = out.shape(-1);
+    p.M = x_cols > 0 ? (int)(x.size() / x_cols) : (out_cols > 0 ? (int)(out.size() / out_cols) : 0);
     if (bits_) {
       p.q = Quantized{(const uint8_t*)w.data<void>(), inputs[2].data<void>(), inputs[3].data<void>(),
                       to_dtype(inputs[2].dtype()), to_dtype(inputs[3].dtype()), bits_, group_size_};
@@ -259,19 +276,16 @@ class NativeProduct : public mx::Primitive {
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     const mx::array &x = primals[0], &w = primals[1];
-    const mx::array g = mx::astype(cotangents[0], mx::float32, stream());
+    const mx::array& g = cotangents[0];
+    const std::vector<mx::array> weights(primals.begin() + 1, primals.end());
     std::vector<mx::array> grads;
     for (int arg : argnums) {
-      if (arg == 0) {
-        // float32 products, so the gradient is accumulated in float32 whatever the dtypes.
-        mx::array dx = bits_ ? mx::quantized_matmul(g, w, mx::astype(primals[2], mx::float32, stream()),
-                                                    mx::astype(primals[3], mx::float32, stream()), false, group_size_,
-                                                    bits_, "affine", stream())
-                             : mx::matmul(g, mx::astype(w, mx::float32, stream()), stream());
-        grads.push_back(mx::astype(dx, x.dtype(), stream()));
-      } else if (arg == 1 && !bits_) {
+      if (arg == 0) {  // the product with the weight the other way round, on these kernels
+        grads.push_back(mx::astype(product(g, weights, g.dtype(), bits_, group_size_, !transposed_), x.dtype(),
+                                   stream()));
+      } else if (arg == 1 && !bits_ && !transposed_) {  // a dense weight: g^T x over all rows, in float32
         const int K = x.shape(-1), N = w.shape(0);
-        mx::array g2 = mx::reshape(g, {-1, N}, stream());
+        mx::array g2 = mx::reshape(mx::astype(g, mx::float32, stream()), {-1, N}, stream());
         mx::array x2 = mx::reshape(mx::astype(x, mx::float32, stream()), {-1, K}, stream());
         grads.push_back(mx::astype(mx::matmul(mx::transpose(g2, stream()), x2, stream()), w.dtype(), stream()));
       } else {
@@ -287,9 +301,9 @@ class NativeProduct : public mx::Primitive {
                              const std::vector<int>& argnums) override {
     if (argnums.size() != 1 || argnums[0] != 0)
       throw std::invalid_argument("[rg_mlx native] forward-mode derivatives only with respect to the activations");
+    const std::vector<mx::array> weights(primals.begin() + 1, primals.end());
     const mx::array t = mx::astype(tangents[0], primals[0].dtype(), stream());
-    return {bits_ ? rg_native::quantized_matmul(t, primals[1], primals[2], primals[3], group_size_, bits_)
-                  : rg_native::matmul(t, primals[1])};
+    return {product(t, weights, t.dtype(), bits_, group_size_, transposed_)};
   }
 
   const char* name() const override { return bits_ ? "RgNativeQuantizedMatmul" : "RgNativeMatmul"; }
@@ -297,17 +311,18 @@ class NativeProduct : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     if (typeid(other) != typeid(*this)) return false;
     const auto& o = static_cast<const NativeProduct&>(other);
-    return bits_ == o.bits_ && group_size_ == o.group_size_;
+    return bits_ == o.bits_ && group_size_ == o.group_size_ && transposed_ == o.transposed_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     mx::Shape shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
+    shape.back() = transposed_ ? weight_columns(inputs[1], bits_) : inputs[1].shape(0);
     return {shape};
   }
 
  private:
   int bits_, group_size_;
+  bool transposed_;
 };
 
 mx::Stream cpu_stream() {
@@ -321,13 +336,19 @@ mx::array contiguous(const mx::array& a, const mx::Stream& s) {
   return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, s);
 }
 
-mx::array make(const mx::array& x, const std::vector<mx::array>& inputs, mx::Dtype dtype, int bits, int group_size) {
+// The product of x and weights ({w} or {w, scales, biases}) in `dtype` (promoted with the weight's, as MLX
+// does), the weight's dtype for the promotion given by the caller.
+mx::array product(const mx::array& x, const std::vector<mx::array>& weights, mx::Dtype dtype, int bits,
+                  int group_size, bool transposed) {
   const mx::Stream s = cpu_stream();
+  const mx::array& w = weights[0];
+  for (size_t i = bits ? 1 : 0; i < weights.size(); ++i) dtype = mx::promote_types(dtype, weights[i].dtype());
   mx::Shape shape = x.shape();
-  shape.back() = inputs[0].shape(0);
+  shape.back() = transposed ? weight_columns(w, bits) : w.shape(0);
   std::vector<mx::array> args{contiguous(x, s)};
-  for (const auto& a : inputs) args.push_back(contiguous(a, s));
-  return mx::array(std::move(shape), dtype, std::make_shared<NativeProduct>(s, bits, group_size), std::move(args));
+  for (const auto& a : weights) args.push_back(contiguous(a, s));
+  return mx::array(std::move(shape), dtype, std::make_shared<NativeProduct>(s, bits, group_size, transposed),
+                   std::move(args));
 }
 
 void check(bool ok, const std::string& what) {
@@ -348,8 +369,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   const mx::Shape groups{N, K / group_size};
   for (const auto* a : {&scales, &biases})
     check(a->shape() == groups && floating(a->dtype()), "scales and biases must be float arrays [N, K / group_size]");
-  const mx::Dtype dtype = mx::promote_types(x.dtype(), mx::promote_types(scales.dtype(), biases.dtype()));
-  return make(x, {w, scales, biases}, dtype, bits, group_size);
+  return product(x, {w, scales, biases}, x.dtype(), bits, group_size, false);
 }
 
 mx::array matmul(const mx::array& x, const mx::array& w) {
@@ -357,7 +377,7 @@ mx::array matmul(const mx::array& x, const mx::array& w) {
   check(w.ndim() == 2 && (w.dtype() == mx::bfloat16 || w.dtype() == mx::float16),
         "w must be a 2-D bfloat16 or float16 array");
   check(x.shape(-1) == w.shape(1), "x's last axis does not match w's second axis");
-  return make(x, {w}, mx::promote_types(x.dtype(), w.dtype()), 0, 0);
+  return product(x, {w}, x.dtype(), 0, 0, false);
 }
 
 std::vector<std::string> supported_isas() {
