@@ -138,6 +138,23 @@ def test_dense_product(isa, w_dtype, x_dtype):
         check(y, x, f64(w), expected, (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(expected))
 
 
+@pytest.mark.parametrize("M", [3, 8])
+def test_decode_blocks(isa, M):
+    """Decode products in several row blocks and k blocks (x read from L1 one block at a time)."""
+    rng = np.random.default_rng(M)
+    N = 150
+    for bits in (4, 8):
+        w, scales, biases = quantized(rng, N, 2560, 32, bits, mx.bfloat16)
+        x = mx.array(rng.standard_normal((M, 2560)).astype(np.float32))
+        check(native.quantized_matmul(x, w, scales, biases, 32, bits), x, dequantize64(w, scales, biases, 32, bits),
+              mx.float32)
+    for w_dtype in (mx.bfloat16, mx.float16):
+        w = mx.array(rng.standard_normal((N, 2565)).astype(np.float32)).astype(w_dtype)
+        x = mx.array(rng.standard_normal((M, 2565)).astype(np.float32))
+        for xd in (mx.float32, w_dtype):
+            check(native.matmul(x.astype(xd), w), x.astype(xd), f64(w), promote(xd, w_dtype))
+
+
 @pytest.mark.parametrize("K", [2560, 517])
 def test_bfloat16_prompt_blocks(isa, K):
     """Prompt-sized bfloat16 products: several row panels, row and weight blocks, k blocks, an odd K."""

@@ -9,8 +9,7 @@
 // An odd K's last column is added in the epilogue. `bf16_rows` is the decode product (up to 8 rows).
 #include <immintrin.h>
 
-#include "convert.h"
-#include "kernels.h"
+#include "kernels_impl.h"
 
 namespace rg_native {
 namespace {
@@ -40,15 +39,15 @@ void micro_kernel(int kp, const uint16_t* const* rows, const uint32_t* xp, float
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
 }
 
-// Decode: out[m, n .. n + NR) for bfloat16 x and w, 32 values of k per vdpbf16ps; the tail of K through
-// masked loads (zeros add nothing).
+// Decode: sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for bfloat16 x and w, 32 values of k per
+// vdpbf16ps; the tail of K through masked loads (zeros add nothing). Blocked as kernels_impl.h's q_rows_m.
 template <int M, int NR>
-void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, void* out, DType odt, long ldo) {
+void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, int k0, int k1, float* sums) {
   __m512 acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+  for (int k = k0; k < k1; k += 32) {
+    const __mmask32 mask = k1 - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (k1 - k)) - 1);
     __m512bh xv[M];
     for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);
     for (int r = 0; r < NR; ++r) {
@@ -57,15 +56,24 @@ void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, void* out, 
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < NR; ++r) store_scalar(out, odt, m * ldo + n + r, _mm512_reduce_add_ps(acc[m][r]));
+    for (int r = 0; r < NR; ++r) sums[r * M + m] += _mm512_reduce_add_ps(acc[m][r]);
 }
 
 template <int M>
 void decode_rows_m(const uint16_t* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
   constexpr int NR = 16 / M > 8 ? 8 : 16 / M;
-  int n = n0;
-  for (; n + NR <= n1; n += NR) decode_pass<M, NR>(x, K, w, n, out, odt, ldo);
-  for (; n < n1; ++n) decode_pass<M, 1>(x, K, w, n, out, odt, ldo);
+  const int block = 2 * X_BLOCK_FLOATS / M / 32 * 32;  // bfloat16: twice the values in the same bytes
+  for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
+    const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    float sums[ROW_BLOCK * M] = {};
+    for (int k0 = 0; k0 < K; k0 += block) {
+      const int k1 = k0 + block < K ? k0 + block : K;
+      int n = nb;
+      for (; n + NR <= ne; n += NR) decode_pass<M, NR>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+      for (; n < ne; ++n) decode_pass<M, 1>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+    }
+    store_sums<M>(sums, nb, ne, out, odt, ldo);
+  }
 }
 
 }  // namespace

@@ -24,9 +24,15 @@ constexpr int rows_per_pass() {
   return nr > 8 ? 8 : nr;
 }
 
-// out[m, n .. n + NR) for a quantized weight.
+// Weight rows per block, and floats of x per k block: a pass over a block of rows reads x [M, k block]
+// from the L1 cache (with all of x it would come from L2 for every few rows, slower than the weight
+// streams from memory when M is large), adding each row's partial sums to a small buffer.
+constexpr int ROW_BLOCK = 64;
+constexpr int X_BLOCK_FLOATS = 4096;
+
+// sums[r * M + m] += x[m, groups g0 .. g1) . w[n + r, same] for a quantized weight.
 template <class V, int BITS, int M, int NR>
-void q_pass(const float* x, int K, const Quantized& q, int n, void* out, DType odt, long ldo) {
+void q_pass(const float* x, int K, const Quantized& q, int n, int g0, int g1, float* sums) {
   using F = typename V::F;
   constexpr int W = V::W;
   constexpr int STEP = BITS == 4 ? 2 * W : W;  // values per vector of packed bytes
@@ -35,7 +41,7 @@ void q_pass(const float* x, int K, const Quantized& q, int n, void* out, DType o
   F acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
-  for (int g = 0; g < groups; ++g) {
+  for (int g = g0; g < g1; ++g) {
     float s[NR], b[NR];
     for (int r = 0; r < NR; ++r) {
       s[r] = load_scalar(q.scales, q.sdt, (size_t)(n + r) * groups + g);
@@ -66,15 +72,32 @@ void q_pass(const float* x, int K, const Quantized& q, int n, void* out, DType o
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < NR; ++r) store_scalar(out, odt, m * ldo + n + r, V::sum(acc[m][r]));
+    for (int r = 0; r < NR; ++r) sums[r * M + m] += V::sum(acc[m][r]);
+}
+
+template <int M>
+void store_sums(const float* sums, int nb, int ne, void* out, DType odt, long ldo) {
+  for (int n = nb; n < ne; ++n)
+    for (int m = 0; m < M; ++m) store_scalar(out, odt, m * ldo + n, sums[(n - nb) * M + m]);
 }
 
 template <class V, int BITS, int M>
 void q_rows_m(const float* x, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
   constexpr int NR = rows_per_pass<V, M>();
-  int n = n0;
-  for (; n + NR <= n1; n += NR) q_pass<V, BITS, M, NR>(x, K, q, n, out, odt, ldo);
-  for (; n < n1; ++n) q_pass<V, BITS, M, 1>(x, K, q, n, out, odt, ldo);
+  const int groups = K / q.group_size;
+  int block = X_BLOCK_FLOATS / M / q.group_size;
+  block = block < 1 ? 1 : block;
+  for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
+    const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    float sums[ROW_BLOCK * M] = {};
+    for (int g0 = 0; g0 < groups; g0 += block) {
+      const int g1 = g0 + block < groups ? g0 + block : groups;
+      int n = nb;
+      for (; n + NR <= ne; n += NR) q_pass<V, BITS, M, NR>(x, K, q, n, g0, g1, sums + (n - nb) * M);
+      for (; n < ne; ++n) q_pass<V, BITS, M, 1>(x, K, q, n, g0, g1, sums + (n - nb) * M);
+    }
+    store_sums<M>(sums, nb, ne, out, odt, ldo);
+  }
 }
 
 template <class V, int BITS>
@@ -99,16 +122,17 @@ void q_rows(const float* x, int M, int K, const Quantized& q, int n0, int n1, vo
     q_rows_bits<V, 8>(x, M, K, q, n0, n1, out, odt, ldo);
 }
 
-// out[m, n .. n + NR) for a dense half-precision weight; K need not be a multiple of W.
+// sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for a dense half-precision weight; k1 - k0 is a
+// multiple of W except in the last block (k1 == K), whose tail is summed one value at a time.
 template <class V, bool BF16, int M, int NR>
-void h_pass(const float* x, int K, const uint16_t* w, int n, void* out, DType odt, long ldo) {
+void h_pass(const float* x, int K, const uint16_t* w, int n, int k0, int k1, float* sums) {
   using F = typename V::F;
   constexpr int W = V::W;
   F acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
-  const int kv = K - K % W;
-  for (int k = 0; k < kv; k += W) {
+  const int kv = k1 - (k1 - k0) % W;
+  for (int k = k0; k < kv; k += W) {
     for (int r = 0; r < NR; ++r) {
       const uint16_t* p = w + (long)(n + r) * K + k;
       const F wv = BF16 ? V::bf16(p) : V::f16(p);
@@ -119,17 +143,26 @@ void h_pass(const float* x, int K, const uint16_t* w, int n, void* out, DType od
     for (int r = 0; r < NR; ++r) {
       float total = V::sum(acc[m][r]);
       const uint16_t* p = w + (long)(n + r) * K;
-      for (int k = kv; k < K; ++k) total += x[(long)m * K + k] * (BF16 ? bf16_to_f32(p[k]) : f16_to_f32(p[k]));
-      store_scalar(out, odt, m * ldo + n + r, total);
+      for (int k = kv; k < k1; ++k) total += x[(long)m * K + k] * (BF16 ? bf16_to_f32(p[k]) : f16_to_f32(p[k]));
+      sums[r * M + m] += total;
     }
 }
 
 template <class V, bool BF16, int M>
 void h_rows_m(const float* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
   constexpr int NR = rows_per_pass<V, M>();
-  int n = n0;
-  for (; n + NR <= n1; n += NR) h_pass<V, BF16, M, NR>(x, K, w, n, out, odt, ldo);
-  for (; n < n1; ++n) h_pass<V, BF16, M, 1>(x, K, w, n, out, odt, ldo);
+  const int block = X_BLOCK_FLOATS / M / V::W * V::W;
+  for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
+    const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    float sums[ROW_BLOCK * M] = {};
+    for (int k0 = 0; k0 < K; k0 += block) {
+      const int k1 = k0 + block < K ? k0 + block : K;
+      int n = nb;
+      for (; n + NR <= ne; n += NR) h_pass<V, BF16, M, NR>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+      for (; n < ne; ++n) h_pass<V, BF16, M, 1>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+    }
+    store_sums<M>(sums, nb, ne, out, odt, ldo);
+  }
 }
 
 template <class V, bool BF16>
