@@ -101,7 +101,9 @@ void split(int n, int parts, int align, F&& f) {
   parallel_for(count, [&](int i) { f(i * step, std::min(n, (i + 1) * step)); });
 }
 
-int parts_for(size_t bytes) { return bytes < MIN_SPLIT_BYTES ? 1 : 4 * pool_threads(); }
+// Several parts per thread, claimed as threads come free: a core taken by another process for a while
+// delays one small part, not half the product.
+int parts_for(size_t bytes) { return bytes < MIN_SPLIT_BYTES ? 1 : 8 * pool_threads(); }
 
 void decode(const Product& p, const Kernels* k) {
 #if defined(__x86_64__) || defined(_M_X64)
