@@ -7,9 +7,7 @@
 // of ROWS weight rows x BF16_PANEL activation rows in 24 registers over KC_PAIRS pairs of k; the sums
 // are kept in a float32 scratch block [n][m] between the k blocks, then written out transposed.
 // An odd K's last column is added in the epilogue. `bf16_rows` is the decode product (up to 8 rows).
-#include <immintrin.h>
-
-#include "kernels_impl.h"
+#include "vec_avx512.h"
 
 namespace rg_native {
 namespace {
@@ -76,6 +74,77 @@ void decode_rows_m(const uint16_t* x, int K, const uint16_t* w, int n0, int n1, 
   }
 }
 
+// r[i] (16 values of n + i over m .. m + 16) becomes r[j] (16 values of m + j over n .. n + 16).
+void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved within 128-bit lanes
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c (+4, +8, +12 in the other lanes) of rows i .. i + 3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather the 128-bit lanes of column c, c + 4, c + 8, c + 12 over the row groups
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+void store16(void* out, DType odt, size_t at, __m512 v) {
+  switch (odt) {
+    case DType::bf16: {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, v);
+      Avx512::narrow_bf16(tmp, (uint16_t*)out + at);
+      break;
+    }
+    case DType::f16:
+      _mm256_storeu_si256((__m256i*)((uint16_t*)out + at), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      break;
+    default: _mm512_storeu_ps((float*)out + at, v);
+  }
+}
+
+// out[m, n] = scratch[n - n0][m - m0] (+ the last column's product for an odd K), 16 x 16 tiles transposed
+// in registers, the edges one value at a time.
+void epilogue(const uint16_t* x, int K, const uint16_t* w, const float* scratch, long ldc, int m0, int m1, int n0,
+              int n1, void* out, DType odt, long ldo) {
+  const bool odd = K % 2 == 1;
+  auto last_x = [&](int m) { return odd ? bf16_to_f32(x[(long)m * K + K - 1]) : 0.0f; };
+  auto value = [&](int m, int n) {
+    return scratch[(long)(n - n0) * ldc + (m - m0)] + (odd ? last_x(m) * bf16_to_f32(w[(long)n * K + K - 1]) : 0.0f);
+  };
+  int n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    alignas(64) float wl[16] = {};
+    for (int i = 0; odd && i < 16; ++i) wl[i] = bf16_to_f32(w[(long)(n + i) * K + K - 1]);
+    const __m512 wlast = _mm512_load_ps(wl);
+    int m = m0;
+    for (; m + 16 <= m1; m += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(scratch + (long)(n - n0 + i) * ldc + (m - m0));
+      transpose16(r);
+      for (int j = 0; j < 16; ++j)
+        store16(out, odt, (size_t)(m + j) * ldo + n, odd ? _mm512_fmadd_ps(_mm512_set1_ps(last_x(m + j)), wlast, r[j])
+                                                         : r[j]);
+    }
+    for (; m < m1; ++m)
+      for (int i = 0; i < 16; ++i) store_scalar(out, odt, (size_t)m * ldo + n + i, value(m, n + i));
+  }
+  for (int m = m0; m < m1; ++m)
+    for (int c = n; c < n1; ++c) store_scalar(out, odt, (size_t)m * ldo + c, value(m, c));
+}
+
 }  // namespace
 
 void bf16_rows(const uint16_t* x, int M, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
@@ -139,15 +208,7 @@ void bf16_gemm_block(const uint16_t* x, const uint32_t* xp, int M, int K, const 
   }
   if (kp_total == 0)
     for (long i = 0; i < (long)(n1 - n0) * ldc; ++i) scratch[i] = 0.0f;
-  const bool odd = K % 2 == 1;
-  for (int m = m0; m < m1; ++m) {
-    const float xl = odd ? bf16_to_f32(x[(long)m * K + K - 1]) : 0.0f;
-    for (int n = n0; n < n1; ++n) {
-      float v = scratch[(long)(n - n0) * ldc + (m - m0)];
-      if (odd) v += xl * bf16_to_f32(w[(long)n * K + K - 1]);
-      store_scalar(out, odt, (size_t)m * ldo + n, v);
-    }
-  }
+  epilogue(x, K, w, scratch, ldc, m0, m1, n0, n1, out, odt, ldo);
 }
 
 }  // namespace rg_native
