@@ -28,8 +28,9 @@ namespace {
 constexpr int DECODE_ROWS = 8;
 // Weights smaller than this run on the calling thread alone (waking the pool costs more).
 constexpr size_t MIN_SPLIT_BYTES = 256 << 10;
-// The float32 tile a quantized or float16 weight is widened into for sgemm, at most.
-constexpr size_t TILE_BYTES = 32 << 20;
+// The float32 tile a quantized or half-precision weight is widened into for sgemm, at most: the bench
+// model's weights in one tile (OpenBLAS's sgemm on a third of a 7680-row weight at a time ran 15% slower).
+constexpr size_t TILE_BYTES = 128 << 20;
 // The bfloat16 product's block of x rows and of weight rows per task.
 constexpr int BF16_M_BLOCK = 256, BF16_N_BLOCK = 96;
 
@@ -163,6 +164,14 @@ void prompt_bf16(const Product& p) {
 }
 #endif
 
+// A float32 buffer of at least n values, kept by the thread for its next product: allocating the
+// weight's tile afresh each time costs page faults (glibc serves such sizes from new mappings in the
+// arenas of threads other than the main one), 20% of a 512-row product.
+float* floats(std::vector<float>& buffer, size_t n) {
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Many rows on float32 sgemm: x widened once, the weight widened (or dequantized) tile by tile of its
 // rows, each tile's product written (or, transposed, accumulated) into float32.
 void prompt_f32(const Product& p, const Kernels* k) {
@@ -171,8 +180,7 @@ void prompt_f32(const Product& p, const Kernels* k) {
   const size_t xn = (size_t)p.M * x_cols, cn = (size_t)p.M * out_cols;
   const float* x = (const float*)p.x;
   if (p.xdt != DType::f32) {
-    xbuf.resize(xn);
-    float* xw = xbuf.data();
+    float* xw = floats(xbuf, xn);
     split((int)((xn + 4095) / 4096), pool_threads(), 1, [&](int a, int b) {
       const size_t lo = (size_t)a * 4096, hi = std::min(xn, (size_t)b * 4096);
       k->widen((const uint16_t*)p.x + lo, p.xdt, hi - lo, xw + lo);
@@ -181,12 +189,10 @@ void prompt_f32(const Product& p, const Kernels* k) {
   }
   float* c = (float*)p.out;
   if (p.odt != DType::f32) {
-    cbuf.resize(cn);
-    c = cbuf.data();
+    c = floats(cbuf, cn);
   }
   const int tile = (int)std::max<size_t>(16, std::min<size_t>(p.N, TILE_BYTES / (4 * (size_t)p.K)));
-  wbuf.resize((size_t)tile * p.K);
-  float* wt = wbuf.data();
+  float* wt = floats(wbuf, (size_t)tile * p.K);
   for (int t0 = 0; t0 < p.N; t0 += tile) {
     const int t1 = std::min(p.N, t0 + tile);
     split(t1 - t0, pool_threads(), 1, [&](int a, int b) {
