@@ -1,0 +1,256 @@
+// The decode products, dequantization and conversions, written once over a vector type V and compiled
+// per instruction set: kernels_portable.cpp, kernels_avx2.cpp and kernels_avx512.cpp each define V and
+// include this file. Everything here has internal linkage (see kernels.h for why).
+//
+// V provides: W (lanes), ACCUMULATORS (how many F to keep in registers), F (W floats), zero, load, store,
+// set1, fma, sum; u8 (W bytes as floats 0..255); G4 and
+// group4(scale, bias) (what a 4-bit group needs to dequantize); deq4 (W bytes = 2W values of a group
+// to floats: lo = values 2i, hi = values 2i+1); interleave (lo, hi back to value order); bf16 and f16
+// (W half values as floats); narrow_bf16 / narrow_f16 (W floats to half values).
+#pragma once
+
+#include "convert.h"
+#include "kernels.h"
+
+namespace rg_native {
+namespace {
+
+// Weight rows per pass for M activation rows: the rows share each load of x (with several rows of x,
+// reading x from cache rather than the weight from memory is what limits a pass), while the M * NR
+// accumulators (at most V::ACCUMULATORS) and NR dequantizers stay in registers.
+template <class V, int M>
+constexpr int rows_per_pass() {
+  constexpr int nr = V::ACCUMULATORS / M < 1 ? 1 : V::ACCUMULATORS / M;
+  return nr > 8 ? 8 : nr;
+}
+
+// Weight rows per block, and floats of x per k block: a pass over a block of rows reads x [M, k block]
+// from the L1 cache (with all of x it would come from L2 for every few rows, slower than the weight
+// streams from memory when M is large), adding each row's partial sums to a small buffer.
+constexpr int ROW_BLOCK = 64;
+constexpr int X_BLOCK_FLOATS = 4096;
+
+// sums[r * M + m] += x[m, groups g0 .. g1) . w[n + r, same] for a quantized weight.
+template <class V, int BITS, int M, int NR>
+void q_pass(const float* x, int K, const Quantized& q, int n, int g0, int g1, float* sums) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  constexpr int STEP = BITS == 4 ? 2 * W : W;  // values per vector of packed bytes
+  const int gs = q.group_size, groups = K / gs;
+  const long row_bytes = (long)K * BITS / 8;
+  F acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
+  for (int g = g0; g < g1; ++g) {
+    float s[NR], b[NR];
+    for (int r = 0; r < NR; ++r) {
+      s[r] = load_scalar(q.scales, q.sdt, (size_t)(n + r) * groups + g);
+      b[r] = load_scalar(q.biases, q.bdt, (size_t)(n + r) * groups + g);
+    }
+    if constexpr (BITS == 4) {
+      typename V::G4 deq[NR];
+      for (int r = 0; r < NR; ++r) deq[r] = V::group4(s[r], b[r]);
+      for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
+        for (int r = 0; r < NR; ++r) {
+          F lo, hi;
+          V::deq4(q.w + (n + r) * row_bytes + k / 2, deq[r], lo, hi);
+          for (int m = 0; m < M; ++m) {
+            acc[m][r] = V::fma(V::load(x + (long)m * K + k), lo, acc[m][r]);
+            acc[m][r] = V::fma(V::load(x + (long)m * K + k + W), hi, acc[m][r]);
+          }
+        }
+      }
+    } else {
+      F vs[NR], vb[NR];
+      for (int r = 0; r < NR; ++r) vs[r] = V::set1(s[r]), vb[r] = V::set1(b[r]);
+      for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
+        for (int r = 0; r < NR; ++r) {
+          const F w = V::fma(V::u8(q.w + (n + r) * row_bytes + k), vs[r], vb[r]);
+          for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), w, acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) sums[r * M + m] += V::sum(acc[m][r]);
+}
+
+template <int M>
+void store_sums(const float* sums, int nb, int ne, void* out, DType odt, long ldo) {
+  for (int n = nb; n < ne; ++n)
+    for (int m = 0; m < M; ++m) store_scalar(out, odt, m * ldo + n, sums[(n - nb) * M + m]);
+}
+
+template <class V, int BITS, int M>
+void q_rows_m(const float* x, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
+  constexpr int NR = rows_per_pass<V, M>();
+  const int groups = K / q.group_size;
+  int block = X_BLOCK_FLOATS / M / q.group_size;
+  block = block < 1 ? 1 : block;
+  for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
+    const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    float sums[ROW_BLOCK * M] = {};
+    for (int g0 = 0; g0 < groups; g0 += block) {
+      const int g1 = g0 + block < groups ? g0 + block : groups;
+      int n = nb;
+      for (; n + NR <= ne; n += NR) q_pass<V, BITS, M, NR>(x, K, q, n, g0, g1, sums + (n - nb) * M);
+      for (; n < ne; ++n) q_pass<V, BITS, M, 1>(x, K, q, n, g0, g1, sums + (n - nb) * M);
+    }
+    store_sums<M>(sums, nb, ne, out, odt, ldo);
+  }
+}
+
+template <class V, int BITS>
+void q_rows_bits(const float* x, int M, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
+  switch (M) {
+    case 1: return q_rows_m<V, BITS, 1>(x, K, q, n0, n1, out, odt, ldo);
+    case 2: return q_rows_m<V, BITS, 2>(x, K, q, n0, n1, out, odt, ldo);
+    case 3: return q_rows_m<V, BITS, 3>(x, K, q, n0, n1, out, odt, ldo);
+    case 4: return q_rows_m<V, BITS, 4>(x, K, q, n0, n1, out, odt, ldo);
+    case 5: return q_rows_m<V, BITS, 5>(x, K, q, n0, n1, out, odt, ldo);
+    case 6: return q_rows_m<V, BITS, 6>(x, K, q, n0, n1, out, odt, ldo);
+    case 7: return q_rows_m<V, BITS, 7>(x, K, q, n0, n1, out, odt, ldo);
+    default: return q_rows_m<V, BITS, 8>(x, K, q, n0, n1, out, odt, ldo);
+  }
+}
+
+template <class V>
+void q_rows(const float* x, int M, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
+  if (q.bits == 4)
+    q_rows_bits<V, 4>(x, M, K, q, n0, n1, out, odt, ldo);
+  else
+    q_rows_bits<V, 8>(x, M, K, q, n0, n1, out, odt, ldo);
+}
+
+// sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for a dense half-precision weight; k1 - k0 is a
+// multiple of W except in the last block (k1 == K), whose tail is summed one value at a time.
+template <class V, bool BF16, int M, int NR>
+void h_pass(const float* x, int K, const uint16_t* w, int n, int k0, int k1, float* sums) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  F acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
+  const int kv = k1 - (k1 - k0) % W;
+  for (int k = k0; k < kv; k += W) {
+    for (int r = 0; r < NR; ++r) {
+      const uint16_t* p = w + (long)(n + r) * K + k;
+      const F wv = BF16 ? V::bf16(p) : V::f16(p);
+      for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float total = V::sum(acc[m][r]);
+      const uint16_t* p = w + (long)(n + r) * K;
+      for (int k = kv; k < k1; ++k) total += x[(long)m * K + k] * (BF16 ? bf16_to_f32(p[k]) : f16_to_f32(p[k]));
+      sums[r * M + m] += total;
+    }
+}
+
+template <class V, bool BF16, int M>
+void h_rows_m(const float* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
+  constexpr int NR = rows_per_pass<V, M>();
+  const int block = X_BLOCK_FLOATS / M / V::W * V::W;
+  for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
+    const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
+    float sums[ROW_BLOCK * M] = {};
+    for (int k0 = 0; k0 < K; k0 += block) {
+      const int k1 = k0 + block < K ? k0 + block : K;
+      int n = nb;
+      for (; n + NR <= ne; n += NR) h_pass<V, BF16, M, NR>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+      for (; n < ne; ++n) h_pass<V, BF16, M, 1>(x, K, w, n, k0, k1, sums + (n - nb) * M);
+    }
+    store_sums<M>(sums, nb, ne, out, odt, ldo);
+  }
+}
+
+template <class V, bool BF16>
+void h_rows_t(const float* x, int M, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
+  switch (M) {
+    case 1: return h_rows_m<V, BF16, 1>(x, K, w, n0, n1, out, odt, ldo);
+    case 2: return h_rows_m<V, BF16, 2>(x, K, w, n0, n1, out, odt, ldo);
+    case 3: return h_rows_m<V, BF16, 3>(x, K, w, n0, n1, out, odt, ldo);
+    case 4: return h_rows_m<V, BF16, 4>(x, K, w, n0, n1, out, odt, ldo);
+    case 5: return h_rows_m<V, BF16, 5>(x, K, w, n0, n1, out, odt, ldo);
+    case 6: return h_rows_m<V, BF16, 6>(x, K, w, n0, n1, out, odt, ldo);
+    case 7: return h_rows_m<V, BF16, 7>(x, K, w, n0, n1, out, odt, ldo);
+    default: return h_rows_m<V, BF16, 8>(x, K, w, n0, n1, out, odt, ldo);
+  }
+}
+
+template <class V>
+void h_rows(const float* x, int M, int K, const uint16_t* w, DType wdt, int n0, int n1, void* out, DType odt,
+            long ldo) {
+  if (wdt == DType::bf16)
+    h_rows_t<V, true>(x, M, K, w, n0, n1, out, odt, ldo);
+  else
+    h_rows_t<V, false>(x, M, K, w, n0, n1, out, odt, ldo);
+}
+
+template <class V>
+void dequantize(const Quantized& q, int K, int n0, int n1, float* dst) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const int gs = q.group_size, groups = K / gs;
+  const long row_bytes = (long)K * q.bits / 8;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = q.w + n * row_bytes;
+    float* d = dst + (long)(n - n0) * K;
+    for (int g = 0; g < groups; ++g) {
+      const float s = load_scalar(q.scales, q.sdt, (size_t)n * groups + g);
+      const float b = load_scalar(q.biases, q.bdt, (size_t)n * groups + g);
+      if (q.bits == 4) {
+        const typename V::G4 deq = V::group4(s, b);
+        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+          F lo, hi;
+          V::deq4(row + k / 2, deq, lo, hi);
+          V::interleave(d + k, lo, hi);
+        }
+      } else {
+        const F vs = V::set1(s), vb = V::set1(b);
+        for (int k = g * gs; k < (g + 1) * gs; k += W) V::store(d + k, V::fma(V::u8(row + k), vs, vb));
+      }
+    }
+  }
+}
+
+template <class V>
+void widen(const void* src, DType dt, size_t n, float* dst) {
+  constexpr size_t W = V::W;
+  size_t i = 0;
+  if (dt == DType::f32) {
+    memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  const uint16_t* s = (const uint16_t*)src;
+  if (dt == DType::bf16)
+    for (; i + W <= n; i += W) V::store(dst + i, V::bf16(s + i));
+  else
+    for (; i + W <= n; i += W) V::store(dst + i, V::f16(s + i));
+  for (; i < n; ++i) dst[i] = load_scalar(src, dt, i);
+}
+
+template <class V>
+void narrow(const float* src, size_t n, void* dst, DType dt) {
+  constexpr size_t W = V::W;
+  size_t i = 0;
+  if (dt == DType::f32) {
+    memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  uint16_t* d = (uint16_t*)dst;
+  if (dt == DType::bf16)
+    for (; i + W <= n; i += W) V::narrow_bf16(src + i, d + i);
+  else
+    for (; i + W <= n; i += W) V::narrow_f16(src + i, d + i);
+  for (; i < n; ++i) store_scalar(dst, dt, i, src[i]);
+}
+
+template <class V>
+Kernels make_kernels(const char* name) {
+  return Kernels{name, V::W, q_rows<V>, h_rows<V>, dequantize<V>, widen<V>, narrow<V>};
+}
+
+}  // namespace
+}  // namespace rg_native

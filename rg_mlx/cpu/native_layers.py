@@ -1,0 +1,149 @@
+"""Layers that run their products on rg_mlx's native CPU products (`rg_mlx.cpu.native`), swapped into a
+built model the way `nn.quantize` swaps (`swap_native_layers`).
+
+Each replacement subclasses the layer it replaces and shares its parameter arrays under the same names,
+so `load_weights`, `save_weights`, `freeze` and LoRA (which wraps `nn.Linear` / `nn.QuantizedLinear`)
+see the same tree. What the products cannot take (float32 weights, other quantization modes or bit
+widths, integer activations, or no extension) falls through to MLX's own operations.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from . import native
+
+_FLOATS = (mx.float32, mx.bfloat16, mx.float16)
+_HALVES = (mx.bfloat16, mx.float16)
+
+L = TypeVar("L", bound=nn.Module)
+
+
+def _adopt(cls: type[L], m: nn.Module) -> L:
+    """An instance of `cls` holding `m`'s parameters (the same arrays) and settings, without running
+    `cls.__init__` (which would make and quantize random weights)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    new.__dict__["_no_grad"] = set(m._no_grad)  # its own frozen-set, as `freeze` on it must not touch m
+    dict.update(new, m)
+    return new
+
+
+def _dense_ok(weight: mx.array) -> bool:
+    return weight.ndim == 2 and weight.dtype in _HALVES
+
+
+def _quantized_ok(m: nn.Module) -> bool:
+    return (
+        getattr(m, "mode", "affine") == "affine"
+        and m.bits in (4, 8)
+        and m.group_size in (32, 64, 128)
+        and m.get("biases") is not None
+        and m["weight"].ndim == 2
+        and m["scales"].dtype in _FLOATS
+    )
+
+
+def _dense_product(x: mx.array, weight: mx.array) -> mx.array:
+    if x.dtype in _FLOATS and native.available():
+        return native.matmul(x, weight)
+    return x @ weight.T
+
+
+def _quantized_product(m: nn.Module, x: mx.array) -> mx.array:
+    if x.dtype in _FLOATS and native.available():
+        return native.quantized_matmul(x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits)
+    return mx.quantized_matmul(x, m["weight"], scales=m["scales"], biases=m.get("biases"), transpose=True,
+                               group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"))
+
+
+class NativeLinear(nn.Linear):
+    """`nn.Linear` with a bfloat16 or float16 weight `[out, in]`, on the native product."""
+
+    @classmethod
+    def from_module(cls, m: nn.Linear) -> NativeLinear:
+        """A NativeLinear sharing `m`'s weight and bias."""
+        return _adopt(cls, m)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _dense_product(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
+class NativeQuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` (affine, 4 or 8 bits) on the native product."""
+
+    @classmethod
+    def from_module(cls, m: nn.QuantizedLinear) -> NativeQuantizedLinear:
+        """A NativeQuantizedLinear sharing `m`'s weight, scales, biases and bias."""
+        return _adopt(cls, m)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _quantized_product(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class NativeEmbedding(nn.Embedding):
+    """`nn.Embedding` with a bfloat16 or float16 table whose `as_linear` (a tied output layer) is native."""
+
+    @classmethod
+    def from_module(cls, m: nn.Embedding) -> NativeEmbedding:
+        """A NativeEmbedding sharing `m`'s table."""
+        return _adopt(cls, m)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _dense_product(x, self["weight"])
+
+
+class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` (affine, 4 or 8 bits) whose `as_linear` (a tied output layer) is native."""
+
+    @classmethod
+    def from_module(cls, m: nn.QuantizedEmbedding) -> NativeQuantizedEmbedding:
+        """A NativeQuantizedEmbedding sharing `m`'s table, scales and biases."""
+        return _adopt(cls, m)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _quantized_product(self, x)
+
+
+_NATIVE = (NativeLinear, NativeQuantizedLinear, NativeEmbedding, NativeQuantizedEmbedding)
+
+
+def native_layer(m: nn.Module) -> nn.Module | None:
+    """`m`'s native replacement, or None where it has none (already native, float32, other formats)."""
+    if isinstance(m, _NATIVE):
+        return None
+    if isinstance(m, nn.QuantizedLinear) and _quantized_ok(m):
+        return NativeQuantizedLinear.from_module(m)
+    if isinstance(m, nn.QuantizedEmbedding) and _quantized_ok(m):
+        return NativeQuantizedEmbedding.from_module(m)
+    if isinstance(m, nn.Linear) and _dense_ok(m["weight"]):
+        return NativeLinear.from_module(m)
+    if isinstance(m, nn.Embedding) and _dense_ok(m["weight"]):
+        return NativeEmbedding.from_module(m)
+    return None
+
+
+def swap_native_layers(model: nn.Module) -> int:
+    """Swap every eligible leaf layer of `model` for its native replacement, in place (as `nn.quantize`
+    does); returns how many were swapped (0 where the native products are unavailable)."""
+    if not native.available():
+        return 0
+    swapped = 0
+
+    def swap(_path: str, m: nn.Module) -> nn.Module:
+        nonlocal swapped
+        new = native_layer(m)
+        if new is None:
+            return m
+        swapped += 1
+        return new
+
+    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return swapped
