@@ -67,16 +67,18 @@ def cast_parameters(model: nn.Module, dtype: mx.Dtype, *, keep_stored: bool) -> 
     """The dtype rule, in place: every floating-point parameter of `model` in the compute dtype `dtype`,
     except, with `keep_stored` (`keeps_stored_weights`), those of the layers the native CPU products
     take (`rg_mlx.cpu.native_layers.takes`: bfloat16/float16 `Linear` and `Embedding` weights, and the
-    scales and biases of 4/8-bit affine quantized ones), which stay as stored. Those products read the
-    narrower weights with float32 activations and sum in float32, so the logits are those of the
-    float32 model with the same weights, from fewer bytes; `rg_mlx.cpu.accelerate` swaps them in."""
+    scales and biases of 4/8-bit affine quantized ones; not their own `bias`), which stay as stored.
+    Those products read the narrower weights with float32 activations and sum in float32, so the
+    logits are those of the float32 model with the same weights, from fewer bytes;
+    `rg_mlx.cpu.accelerate` swaps them in."""
     from .cpu import native_layers
 
-    kept = {path for path, m in model.named_modules() if native_layers.takes(m)} if keep_stored else set()
+    layers = {path for path, m in model.named_modules() if native_layers.takes(m)} if keep_stored else set()
+    kept = {f"{layer}.{name}" for layer in layers for name in ("weight", "scales", "biases")}
     cast = [
         (name, p.astype(dtype))
         for name, p in tree_flatten(model.parameters())
-        if mx.issubdtype(p.dtype, mx.floating) and p.dtype != dtype and name.rpartition(".")[0] not in kept
+        if mx.issubdtype(p.dtype, mx.floating) and p.dtype != dtype and name not in kept
     ]
     model.update(tree_unflatten(cast), strict=False)
 

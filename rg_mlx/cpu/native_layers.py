@@ -143,7 +143,10 @@ class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
         return new
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _looked_up(super().__call__(x), self.lookup_dtype)
+        # Dequantized in the lookup dtype: with scales narrower than it, MLX's would round each row to theirs.
+        dtype = self.lookup_dtype or self["scales"].dtype
+        return mx.dequantize(self["weight"][x], self["scales"][x].astype(dtype), self["biases"][x].astype(dtype),
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_product(self, x)
