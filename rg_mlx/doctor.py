@@ -500,7 +500,8 @@ def native_checks() -> list[ProductCheck]:
                         w = w32.astype(getattr(mx, weight))
                         y = native.matmul(x, w)
                     x64, w64 = np.array(x.astype(mx.float32), np.float64), np.array(w.astype(mx.float32), np.float64)
-                    error = np.abs(np.array(y.astype(mx.float32), np.float64) - x64 @ w64.T) / (np.abs(x64) @ np.abs(w64).T)
+                    y64 = np.array(y.astype(mx.float32), np.float64)
+                    error = np.abs(y64 - x64 @ w64.T) / (np.abs(x64) @ np.abs(w64).T)
                     checks.append(ProductCheck(isa, name, float(np.nan_to_num(error.max(), nan=np.inf)), tolerance))
                 except Exception as e:
                     checks.append(ProductCheck(isa, name, None, tolerance, _first_line(e)))

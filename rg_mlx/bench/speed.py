@@ -234,7 +234,10 @@ def tables(config: str, results: dict[str, dict], lengths: list[int], bandwidth:
         if not _ok(r):
             out.append(_row([LABELS[runtime], weights, r["error"]] + [""] * (len(head) - 3)))
             continue
-        cells = [LABELS[runtime], weights, r["dtype"], r["blas"]]
+        backend = r["blas"]
+        if runtime in OURS and weights != "float32" and r.get("native"):  # the native products' instruction set
+            backend += f"; native {r['native'].split(',')[0]}"
+        cells = [LABELS[runtime], weights, r["dtype"], backend]
         for n in lengths:
             p = r["prompt"].get(str(n))
             mark = ""
@@ -332,7 +335,10 @@ def plan(runtimes: list[str], weights: list[str]) -> list[str]:
     runs = []
     for runtime in runtimes:
         _, dtype, _, kinds = RUNTIMES[runtime]
-        runs += [f"{runtime}/{dtype}"] if kinds == () else [f"{runtime}/{w}" for w in weights if not kinds or w in kinds]
+        if kinds == ():
+            runs.append(f"{runtime}/{dtype}")
+        else:
+            runs += [f"{runtime}/{w}" for w in weights if not kinds or w in kinds]
     first = [r for r in runs if r.split("/")[0] not in OURS and r not in DUEL]
     duel = [r for r in DUEL if r in runs]
     return first + duel + [r for r in runs if r not in first and r not in duel]
