@@ -1,14 +1,15 @@
 """Micro-benchmark of rg_mlx's native CPU products against MLX's own, on the bench model's shapes.
 
     python -m benchmarks.bench_native [--rounds 3] [--decode-rows 1 4 8] [--prompt-rows 512 2048]
-                                      [--mlx-prompt-rows 512] [--no-output-layer] [--json FILE]
+                                      [--mlx-prompt-rows 512] [--no-output-layer] [--shapes NxK ...] [--json FILE]
 
-Shapes: 2560->2560, 2560->7680, 7680->2560 and the 256000 x 2560 tied output layer (decode only). For
-each shape and row count: float32 (MLX's product on the BLAS rg_mlx's fast path loads), MLX's own
-bfloat16 / 8-bit / 4-bit products, and ours for the same arrays. bfloat16 weights run with bfloat16
-activations (a bfloat16 model), quantized weights (group 64, bfloat16 scales, as converted from a
-bfloat16 checkpoint) with float32 activations (rg_mlx's CPU default). MLX's own prompt products are
-10-50 times slower than float32, so they run only at --mlx-prompt-rows and in the first round.
+Shapes: 2560->2560, 2560->7680, 7680->2560 and the 256000 x 2560 tied output layer (decode only), or
+--shapes. For each shape and row count: float32 (MLX's product on the BLAS rg_mlx's fast path loads),
+MLX's own bfloat16 / float16 / 8-bit / 4-bit products, and ours for the same arrays: half-precision
+weights with activations of their own dtype (a bfloat16 model) and with float32 activations (rg_mlx's
+CPU default), quantized weights (group 64, bfloat16 scales, as converted from a bfloat16 checkpoint)
+with float32 and with bfloat16 activations. MLX's own prompt products are 10-50 times slower than
+float32, so they run only at --mlx-prompt-rows and in the first round.
 
 Every variant runs once per round, rounds interleaved, each round after a bandwidth probe; the table
 gives medians: milliseconds, GB/s of weights read and GFLOP/s, and for decode the fraction of the
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: the checkout's root on the pat
 import rg_mlx  # noqa: E402,F401  (first: the BLAS fast path)
 import mlx.core as mx  # noqa: E402
 
-from benchmarks.bench import BandwidthProbe, available_bytes, machine  # noqa: E402
+from rg_mlx.bench.speed import BandwidthProbe, available_bytes, machine  # noqa: E402
 from rg_mlx import _blas  # noqa: E402
 from rg_mlx.cpu import native  # noqa: E402
 
@@ -58,24 +59,36 @@ def variants(N: int, K: int, copies: int) -> list[Variant]:
     """The weights (`copies` of each, so a decode pass reads past the cache) and the products on them."""
     w32 = [mx.random.normal((N, K)) * 0.02 for _ in range(copies)]
     wb = [w.astype(mx.bfloat16) for w in w32]
+    wh = [w.astype(mx.float16) for w in w32]
     q = {bits: [mx.quantize(w, group_size=GROUP, bits=bits) for w in wb] for bits in (8, 4)}
-    mx.eval(w32, wb, q)
+    mx.eval(w32, wb, wh, q)
     scale_bytes = 2 * N * (K // GROUP) * 2
 
     def qbytes(bits: int) -> int:
         return N * K * bits // 8 + scale_bytes
 
     out = [Variant("float32 (MLX + BLAS)", lambda x, i: x @ w32[i].T, N * K * 4, mx.float32, False),
-           Variant("bfloat16, MLX", lambda x, i: x @ wb[i].T, N * K * 2, mx.bfloat16, False)]
+           Variant("bfloat16, MLX", lambda x, i: x @ wb[i].T, N * K * 2, mx.bfloat16, False),
+           Variant("float16, MLX", lambda x, i: x @ wh[i].T, N * K * 2, mx.float16, False)]
     for bits in (8, 4):
-        out.append(Variant(f"{bits}-bit, MLX", lambda x, i, b=bits: mx.quantized_matmul(
-            x, *q[b][i], transpose=True, group_size=GROUP, bits=b), qbytes(bits), mx.float32, False))
+        for x_dtype in (mx.float32, mx.bfloat16):
+            out.append(Variant(f"{bits}-bit, {_name(x_dtype)} x, MLX", lambda x, i, b=bits: mx.quantized_matmul(
+                x, *q[b][i], transpose=True, group_size=GROUP, bits=b), qbytes(bits), x_dtype, False))
     if native.available():
-        out.append(Variant("bfloat16, ours", lambda x, i: native.matmul(x, wb[i]), N * K * 2, mx.bfloat16, True))
+        for x_dtype in (mx.bfloat16, mx.float32):
+            out.append(Variant(f"bfloat16, {_name(x_dtype)} x, ours", lambda x, i: native.matmul(x, wb[i]), N * K * 2,
+                               x_dtype, True))
+        out.append(Variant("float16, float32 x, ours", lambda x, i: native.matmul(x, wh[i]), N * K * 2, mx.float32,
+                           True))
         for bits in (8, 4):
-            out.append(Variant(f"{bits}-bit, ours", lambda x, i, b=bits: native.quantized_matmul(x, *q[b][i], GROUP, b),
-                               qbytes(bits), mx.float32, True))
+            for x_dtype in (mx.float32, mx.bfloat16):
+                product = lambda x, i, b=bits: native.quantized_matmul(x, *q[b][i], GROUP, b)  # noqa: E731
+                out.append(Variant(f"{bits}-bit, {_name(x_dtype)} x, ours", product, qbytes(bits), x_dtype, True))
     return out
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def time_pass(v: Variant, x: mx.array, copies: int) -> float:
@@ -94,7 +107,7 @@ def measure(shape: tuple[str, int, int], rows: list[int], mlx_prompt_rows: set[i
     if available_bytes() and biggest * 1.9 * copies > 0.7 * available_bytes():
         copies = max(1, int(0.7 * available_bytes() / (biggest * 1.9)))
     vs = variants(N, K, copies)
-    xs = {(r, dt): mx.random.normal((r, K)).astype(dt) for r in rows for dt in (mx.float32, mx.bfloat16)}
+    xs = {(r, dt): mx.random.normal((r, K)).astype(dt) for r in rows for dt in (mx.float32, mx.bfloat16, mx.float16)}
     mx.eval(list(xs.values()))
     def slow(v: Variant, r: int) -> bool:  # MLX's own non-float32 prompt products
         return r > 8 and not v.ours and "float32" not in v.name
@@ -143,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlx-prompt-rows", type=int, nargs="*", default=[512],
                         help="prompt row counts at which MLX's own (slow) non-float32 products run too")
     parser.add_argument("--no-output-layer", action="store_true", help="skip the 256000 x 2560 output layer")
+    parser.add_argument("--shapes", nargs="*", default=None, metavar="NxK",
+                        help="weights of N rows and K columns instead of the bench model's (e.g. 15360x2560: the 2B "
+                        "model's MLP projection pair)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     print(f"# Native CPU products: {machine()}")
@@ -151,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     probes: list[float] = []
     results = []
     rows = args.decode_rows + args.prompt_rows
-    for shape in SHAPES:
+    shapes = SHAPES if args.shapes is None else [(s, *map(int, s.split("x"))) for s in args.shapes]
+    for shape in shapes:
         results += measure(shape, rows, set(args.mlx_prompt_rows), args.rounds, probe, probes)
     if not args.no_output_layer:
         results += measure(OUTPUT_LAYER, args.decode_rows, set(), args.rounds, probe, probes)

@@ -26,13 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, _blas
+    from .cpu import native
 
     # Raw text: `--version` names the BLAS in one line, never wrapped to the terminal's width.
     parser = argparse.ArgumentParser(
         prog="rg-mlx", description="RecurrentGemma on MLX", formatter_class=argparse.RawDescriptionHelpFormatter
     )
     malloc = "; malloc reuses freed memory" if _blas.malloc_reuses_memory() else ""
-    parser.add_argument("--version", action="version", version=f"rg-mlx {__version__} (BLAS: {_blas.active()}{malloc})")
+    version = f"rg-mlx {__version__} (BLAS: {_blas.active()}{malloc}; native CPU products: {native.status()})"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

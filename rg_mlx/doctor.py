@@ -2,8 +2,9 @@
 
 `run()` returns a `Report` (also as a JSON-ready dict, `Report.to_dict()`); nothing here prints.
 It covers the system (platform, CPU and its SIMD features, memory, Python, MLX, mlx-lm, the
-default device, the BLAS and malloc state of the Linux fast path), the device's measured read
-bandwidth, and for every scan path that runs here: agreement with the float64 reference on a
+default device, the BLAS and malloc state of the Linux fast path, whether rg_mlx's native CPU products
+are loaded), the native products on every instruction set this CPU has against a float64 reference,
+the device's measured read bandwidth, and for every scan path that runs here: agreement with the float64 reference on a
 battery of cases (each kernel variant forced in turn), its speed against that bandwidth, its
 self-check (GPU paths), a tiny random model run end to end against the ops path, and a bfloat16
 model whose recurrent state must stay float32. `Report.ok` is True when everything agrees.
@@ -111,6 +112,21 @@ class ModelCheck:
 
 
 @dataclass
+class ProductCheck:
+    """One of rg_mlx's native CPU products (`rg_mlx.cpu.native`) on one instruction set against float64."""
+
+    isa: str
+    product: str  # e.g. "4-bit, float32 x, 3 rows"
+    error: float | None  # max |y - reference| / (|x| @ |w|.T): the sums' rounding, relative to their terms
+    tolerance: float
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.error is not None and self.error <= self.tolerance
+
+
+@dataclass
 class PathReport:
     path: str
     accuracy: list[Case]
@@ -134,6 +150,7 @@ class Report:
     default_device: str
     device: dict
     blas: dict
+    native: dict  # "status" (as `rg-mlx --version` says it) and "products" (`ProductCheck`s; none if not loaded)
     bandwidth_bytes_per_second: float
     paths: list[PathReport]
     model: list[ModelCheck]
@@ -147,6 +164,7 @@ class Report:
             all(p.ok for p in self.paths)
             and all(m.ok for m in self.model)
             and all(m.ok for m in self.bfloat16_model)
+            and all(c.ok for c in self.native["products"])
         )
 
     def to_dict(self) -> dict:
@@ -161,6 +179,8 @@ class Report:
         for key in ("model", "bfloat16_model"):
             for m, md in zip(getattr(self, key), data[key]):
                 md["ok"] = m.ok
+        for c, cd in zip(self.native["products"], data["native"]["products"]):
+            cd["ok"] = c.ok
         return data
 
 
@@ -440,6 +460,56 @@ def model_checks(paths: list[str]) -> tuple[list[ModelCheck], list[ModelCheck]]:
     return results["float32"], results["bfloat16"]
 
 
+# The native products checked on each instruction set: (weight: bits or a dtype name, activations, rows); K and
+# N are odd multiples of the group size (64), so the kernels' tails run; 40 rows take the prompt path.
+PRODUCTS = [(4, "float32", 1), (8, "float32", 3), (4, "float32", 40), ("bfloat16", "float32", 1),
+            ("bfloat16", "bfloat16", 5), ("bfloat16", "bfloat16", 40), ("float16", "float32", 40)]
+# Relative to the sum of the terms' magnitudes: float32 sums (K = 320 terms: at most 2e-5, typically 1e-6),
+# and the rounding of a bfloat16 result (2^-8 of its largest possible magnitude).
+_PRODUCT_TOLERANCE = {"float32": 2e-5, "bfloat16": 2.0**-8}
+
+
+def native_checks() -> list[ProductCheck]:
+    """rg_mlx's native CPU products on every instruction set this CPU has (`PRODUCTS`), against float64;
+    none where they are not loaded."""
+    from .cpu import native
+
+    if not native.available():
+        return []
+    rng = np.random.default_rng(0)
+    K, N, group = 5 * 64, 3 * 64 + 8, 64
+    w32 = mx.array(rng.standard_normal((N, K)).astype(np.float32))
+    checks = []
+    previous = native.isa()
+    try:
+        for isa in native.supported_isas():
+            native.set_isa(isa)
+            for weight, x_dtype, rows in PRODUCTS:
+                x = mx.array(rng.standard_normal((rows, K)).astype(np.float32)).astype(getattr(mx, x_dtype))
+                name = f"{weight}-bit" if isinstance(weight, int) else weight
+                name = f"{name}, {x_dtype} x, {rows} row{'s' if rows > 1 else ''}"
+                tolerance = _PRODUCT_TOLERANCE[x_dtype]
+                try:
+                    if isinstance(weight, int):
+                        packed = mx.quantize(w32.astype(mx.bfloat16), group_size=group, bits=weight)
+                        wq, scales, biases = packed  # bfloat16 scales, as converted from a bfloat16 checkpoint
+                        w = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group,
+                                          bits=weight)
+                        y = native.quantized_matmul(x, *packed, group, weight)
+                    else:
+                        w = w32.astype(getattr(mx, weight))
+                        y = native.matmul(x, w)
+                    x64, w64 = np.array(x.astype(mx.float32), np.float64), np.array(w.astype(mx.float32), np.float64)
+                    y64 = np.array(y.astype(mx.float32), np.float64)
+                    error = np.abs(y64 - x64 @ w64.T) / (np.abs(x64) @ np.abs(w64).T)
+                    checks.append(ProductCheck(isa, name, float(np.nan_to_num(error.max(), nan=np.inf)), tolerance))
+                except Exception as e:
+                    checks.append(ProductCheck(isa, name, None, tolerance, _first_line(e)))
+    finally:
+        native.set_isa(previous)
+    return checks
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -457,6 +527,8 @@ def run() -> Report:
         for path in paths
     ]
     model, bfloat16_model = model_checks(paths)
+    from .cpu import native
+
     report = Report(
         rg_mlx=__version__,
         platform=platform.platform(),
@@ -468,6 +540,7 @@ def run() -> Report:
         default_device=str(mx.default_device()),
         device=_device_info(),
         blas={"library": _blas.active(), "malloc_reuses_memory": _blas.malloc_reuses_memory()},
+        native={"status": native.status(), "products": native_checks()},
         bandwidth_bytes_per_second=bandwidth,
         paths=path_reports,
         model=model,

@@ -7,9 +7,10 @@ puts this module in `sys.modules` under that name: from then on every mlx-lm too
 `Model` instead of mlx-lm's own RecurrentGemma. mlx-lm's files are never edited.
 
 The model mlx-lm builds this way finishes its build when mlx-lm has loaded its weights
-(`Model.load_weights`): the compute dtype of `rg_mlx.load` (float32 on the CPU, bfloat16 on a GPU)
-and, on the CPU, the accelerations of `rg_mlx.cpu.accelerate`. Its logits are then those of
-`rg_mlx.load`'s model.
+(`Model.load_weights`): `rg_mlx.load`'s dtype rule (`rg_mlx.loading.cast_parameters`: the compute
+dtype, float32 on the CPU and bfloat16 on a GPU, with the stored weights kept where rg_mlx's native
+CPU products read them) and, on the CPU, the accelerations of `rg_mlx.cpu.accelerate`. Its logits
+are then those of `rg_mlx.load`'s model.
 
 LoRA adapters: `recording_trained_model` makes `mlx_lm.lora` record the class of the model it
 trained in `adapter_config.json` (``trained_model``), and `load_adapter` applies an adapter the way
@@ -45,7 +46,7 @@ TRAINED_MODEL_KEY = "trained_model"
 
 class Model(_model.Model):
     """rg_mlx's `Model` as mlx-lm builds it: after mlx-lm loads its weights, the build is finished as
-    `rg_mlx.load` finishes it (compute dtype, then the CPU accelerations where MLX runs on the CPU)."""
+    `rg_mlx.load` finishes it (its dtype rule, then the CPU accelerations where MLX runs on the CPU)."""
 
     _finished = False
 
@@ -57,11 +58,12 @@ class Model(_model.Model):
         super().load_weights(file_or_weights, strict=strict)
         if not self._finished:
             self._finished = True
-            from .loading import default_dtype
+            from .loading import cast_parameters, default_dtype, keeps_stored_weights
 
-            self.set_dtype(default_dtype())
+            dtype = default_dtype()
+            cast_parameters(self, dtype, keep_stored=keeps_stored_weights(dtype))
             if cpu.wanted():
-                cpu.accelerate(self)
+                cpu.accelerate(self, dtype)
         return self
 
 

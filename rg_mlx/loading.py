@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import cpu, hub, quant
 from .config import ModelArgs
@@ -51,6 +52,35 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
     if name not in DTYPES:
         raise RGError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def keeps_stored_weights(dtype: mx.Dtype, accelerate: bool | None = None) -> bool:
+    """Whether the dtype rule (`cast_parameters`) keeps the stored weights of the layers that rg_mlx's
+    native CPU products take: for float32 compute, where the CPU accelerations apply (`accelerate`, as
+    in `load_model`) and the native products are loaded."""
+    from .cpu import native
+
+    return dtype == mx.float32 and cpu.wanted(accelerate) and native.available()
+
+
+def cast_parameters(model: nn.Module, dtype: mx.Dtype, *, keep_stored: bool) -> None:
+    """The dtype rule, in place: every floating-point parameter of `model` in the compute dtype `dtype`,
+    except, with `keep_stored` (`keeps_stored_weights`), those of the layers the native CPU products
+    take (`rg_mlx.cpu.native_layers.takes`: bfloat16/float16 `Linear` and `Embedding` weights, and the
+    scales and biases of 4/8-bit affine quantized ones; not their own `bias`), which stay as stored.
+    Those products read the narrower weights with float32 activations and sum in float32, so the
+    logits are those of the float32 model with the same weights, from fewer bytes;
+    `rg_mlx.cpu.accelerate` swaps them in."""
+    from .cpu import native_layers
+
+    layers = {path for path, m in model.named_modules() if native_layers.takes(m)} if keep_stored else set()
+    kept = {f"{layer}.{name}" for layer in layers for name in ("weight", "scales", "biases")}
+    cast = [
+        (name, p.astype(dtype))
+        for name, p in tree_flatten(model.parameters())
+        if mx.issubdtype(p.dtype, mx.floating) and p.dtype != dtype and name not in kept
+    ]
+    model.update(tree_unflatten(cast), strict=False)
 
 
 def read_config_json(folder: str | Path) -> dict[str, Any]:
@@ -145,9 +175,17 @@ def load_model(
     Args:
         path: a folder converted by `rg-mlx convert`, saved by Hugging Face
             (`save_pretrained`), or converted by mlx-lm (quantized ones included).
-        dtype: compute dtype (an MLX dtype or its name); default float32 on the
-            CPU, bfloat16 on a GPU. Quantized weights keep their packing; the
-            recurrent state is float32 regardless.
+        dtype: compute dtype, the activations' (an MLX dtype or its name); default float32
+            on the CPU, bfloat16 on a GPU. Parameters are cast to it (`cast_parameters`), except
+            that for float32 compute with rg_mlx's native CPU products loaded (`rg_mlx.cpu.native`;
+            on the CPU, with the accelerations), bfloat16/float16 and quantized `Linear` and
+            embedding weights stay as stored: those products take float32 activations with the
+            narrower weights and sum in float32, so a bfloat16 or quantized folder gives the logits
+            of the float32 model with the same weights while reading fewer bytes per token.
+            ``"bfloat16"`` computes in bfloat16 throughout (float32 sums in the products; on a CPU
+            with AVX512_BF16, bfloat16 dot products, faster on long prompts than float32, at
+            bfloat16 precision). Quantized weights keep their packing; the recurrent state is float32
+            regardless.
         accelerate: apply the CPU accelerations (`rg_mlx.cpu.accelerate`); default: where MLX runs
             on the CPU, unless ``RG_MLX_ACCELERATE=0``.
         adapter_path: a LoRA adapter folder written by `rg-mlx mlx-lm lora` (`mlx_lm.lora` on our
@@ -171,14 +209,12 @@ def load_model(
     if quantization is not None:
         quant.apply(model, quantization, weights)
     check_tensors(weights, dict(tree_flatten(model.parameters())), folder)
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-    }
     model.load_weights(list(weights.items()))
+    cast_parameters(model, dtype, keep_stored=keeps_stored_weights(dtype, accelerate))
     mx.eval(model.parameters())
     model.eval()
     if cpu.wanted(accelerate):
-        cpu.accelerate(model)
+        cpu.accelerate(model, dtype)
     if adapter_path is not None:
         from .integration import load_adapter
 

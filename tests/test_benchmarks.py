@@ -9,8 +9,13 @@ import pytest
 from rg_mlx import ModelArgs
 from rg_mlx.bench import checkpoint, long_chat, speed
 
-TINY = ModelArgs(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+TINY = ModelArgs(vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                  block_types=["recurrent", "recurrent", "attention"], attention_window_size=16, logits_soft_cap=30.0)
+
+
+@pytest.fixture
+def tiny_config(monkeypatch):
+    monkeypatch.setitem(checkpoint.CONFIGS, "tiny", TINY)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +25,38 @@ def tiny_checkpoint(tmp_path_factory):
         return checkpoint.write_checkpoint("tiny", tmp_path_factory.mktemp("bench") / "tiny-float32")
 
 
+@pytest.fixture(scope="module")
+def tiny_folders(tiny_checkpoint):
+    """The tiny checkpoint converted to each kind of weights (beside it, as the bench does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(checkpoint.CONFIGS, "tiny", TINY)
+        return {kind: checkpoint.weights_folder("tiny", tiny_checkpoint, kind) for kind in checkpoint.WEIGHTS}
+
+
+def test_weights_folders_are_the_checkpoint_converted(tiny_checkpoint, tiny_folders):
+    import json
+
+    from rg_mlx import load_model
+
+    assert tiny_folders["float32"] == tiny_checkpoint
+    assert [f.name for f in tiny_folders.values()] == ["tiny-float32", "tiny-bfloat16", "tiny-8bit", "tiny-4bit"]
+    sizes = {kind: checkpoint.folder_bytes(f) for kind, f in tiny_folders.items()}
+    params = checkpoint.parameter_count(TINY)
+    assert 4 * params <= sizes["float32"] < 4 * params + 2**16  # the weights, and the files' headers
+    assert 2 * params <= sizes["bfloat16"] < 2 * params + 2**16
+    for kind, bits in (("8bit", 8), ("4bit", 4)):
+        config = json.loads((tiny_folders[kind] / "config.json").read_text())
+        assert config["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
+    assert sizes["4bit"] < sizes["8bit"] < sizes["bfloat16"]
+    mtime = (tiny_folders["4bit"] / "config.json").stat().st_mtime
+    assert checkpoint.weights_folder("tiny", tiny_checkpoint, "4bit") == tiny_folders["4bit"]  # written once
+    assert (tiny_folders["4bit"] / "config.json").stat().st_mtime == mtime
+    for kind in ("bfloat16", "8bit", "4bit"):
+        load_model(tiny_folders[kind])  # rg_mlx loads each
+
+
 # runtime -> whether rg_mlx's fast path may be in its process
-RUNTIMES = {"rg_mlx": True, "mlx-lm": False, "mlx-lm+blas": True, "hf-float32": False}
+RUNTIMES = {"rg_mlx": True, "rg_mlx-bf16": True, "mlx-lm": False, "mlx-lm+blas": True, "hf-float32": False}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -29,6 +64,7 @@ def test_worker_measures_each_runtime(tiny_checkpoint, runtime):
     if runtime.startswith("hf") and importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers not installed")
     r = speed.run_worker(tiny_checkpoint, runtime, prompt_lengths=[8, 24], decode_tokens=4, budget=60)
+    assert r.get("dtype") == ("bfloat16" if runtime == "rg_mlx-bf16" else "float32"), r
     assert "error" not in r, r
     assert r["params"] == checkpoint.parameter_count(TINY)
     assert set(r["prompt"]) == {"8", "24"} and all(p["tok_s"] > 0 and "extrapolated_from" not in p
@@ -76,20 +112,45 @@ def test_decode_rounds_alternate_and_take_the_median():
                      "b": {"tok_s": 2.0, "tokens": 4, "rounds": [5.0, 1.0, 2.0]}}
 
 
-def test_bench_config_runs_the_duel_and_reports_it(tiny_checkpoint, monkeypatch):
+def test_mlx_lm_runs_on_quantized_weights_as_stored(tiny_folders):
+    r = speed.run_worker(tiny_folders["4bit"], "mlx-lm+blas", prompt_lengths=[8], decode_tokens=3, budget=60)
+    assert "error" not in r, r
+    assert r["dtype"] == "bfloat16"  # mlx-lm computes in its scales' dtype, as its users run it
+
+
+def test_plan_orders_the_runs():
+    runtimes = ["rg_mlx", "rg_mlx-bf16", "mlx-lm", "mlx-lm+blas", "hf-float32", "hf-bfloat16"]
+    assert speed.plan(runtimes, ["float32", "bfloat16", "4bit"]) == [
+        "mlx-lm/float32", "mlx-lm+blas/bfloat16", "mlx-lm+blas/4bit", "hf-float32/float32", "hf-bfloat16/bfloat16",
+        "rg_mlx/float32", "mlx-lm+blas/float32", "rg_mlx/bfloat16", "rg_mlx/4bit", "rg_mlx-bf16/bfloat16",
+    ]
+    assert speed.plan(runtimes, ["4bit"]) == [
+        "mlx-lm+blas/4bit", "hf-float32/float32", "hf-bfloat16/bfloat16", "rg_mlx/4bit"]
+
+
+def test_bench_config_runs_the_rounds_and_reports_them(tiny_checkpoint, tiny_folders, tiny_config, monkeypatch):
     import argparse
 
     monkeypatch.setattr(speed, "BandwidthProbe", lambda: lambda: 20e9)
-    args = argparse.Namespace(runtimes=["rg_mlx", "mlx-lm+blas"], decode_rounds=2, budget=60)
-    weights = 4 * checkpoint.parameter_count(TINY)
-    results, probes = speed.run_config("tiny", tiny_checkpoint, args, [8], 4, weights)
-    assert probes == [20e9, 20e9]
-    for name in ("rg_mlx", "mlx-lm+blas"):
-        assert "error" not in results[name], results[name]
-        assert len(results[name]["decode"]["rounds"]) == 2 and results[name]["decode"]["tok_s"] > 0
-    text = speed.tables("tiny", results, [8], 20e9, weights)
+    args = argparse.Namespace(decode_rounds=2, budget=60)
+    runs = speed.plan(["rg_mlx", "mlx-lm+blas"], ["float32", "4bit"])
+    assert runs == ["mlx-lm+blas/4bit", "rg_mlx/float32", "mlx-lm+blas/float32", "rg_mlx/4bit"]
+    results, probes = speed.run_config("tiny", tiny_checkpoint, tiny_folders, runs, args, [8], 4, rounds=True)
+    assert list(results) == runs
+    assert probes == [20e9] * 4  # the float32 duel's two rounds, then rg_mlx's two
+    for key in runs:
+        assert "error" not in results[key], results[key]
+        decode = results[key]["decode"]
+        assert decode["tok_s"] > 0 and len(decode.get("rounds", [])) == (0 if key == "mlx-lm+blas/4bit" else 2)
+        size = checkpoint.folder_bytes(tiny_folders[key.split("/")[1]])
+        assert results[key]["bytes_per_token"] == size + results[key]["state_bytes"]
+    assert results["rg_mlx/float32"]["duel"]["rounds"] != results["rg_mlx/float32"]["decode"]["rounds"]
+    text = speed.tables("tiny", results, [8], 20e9)
     assert "median of 2 rounds" in text and "(median of the probes of the decode rounds)" in text
-    assert "Decode rounds, tok/s: rg_mlx " in text and "mlx-lm (same BLAS) " in text
+    assert "Decode rounds, tok/s: rg_mlx/float32 " in text and "; mlx-lm+blas/float32 " in text
+    assert "rg_mlx on each kind of weights against rg_mlx on float32 weights" in text
+    assert "| 4bit | float32 | " in text  # rg_mlx's 4-bit run, float32 activations
+    assert "| mlx-lm (same BLAS), 4bit, bfloat16 | rg_mlx/4bit, float32 |" in text
 
 
 def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside():
@@ -104,25 +165,26 @@ def test_memory_run_samples_the_long_chat_and_a_fresh_one_alongside():
     assert change == last / first - 1 and s["rss_spread"] >= 0
 
 
-def test_duel_needs_two_runtimes_rounds_and_the_memory_for_them(monkeypatch):
+def test_duel_needs_both_runs_rounds_and_the_memory_for_them(monkeypatch):
     gb = 10**9
     monkeypatch.setattr(speed, "available_bytes", lambda: 20 * gb)
-    both = ["rg_mlx", "mlx-lm", "mlx-lm+blas", "hf-float32"]
-    assert speed.duel_runtimes(both, 4, 4 * gb) == ["rg_mlx", "mlx-lm+blas"]  # 3 x 5.2 GB fit in 20
-    assert speed.duel_runtimes(both, 4, 6 * gb) == []  # 3 x 7.8 GB do not
-    assert speed.duel_runtimes(both, 0, 4 * gb) == []
-    assert speed.duel_runtimes(["rg_mlx", "hf-float32"], 4, 4 * gb) == []
+    both = ["mlx-lm/float32", "rg_mlx/float32", "mlx-lm+blas/float32", "rg_mlx/4bit"]
+    assert speed.duel_runs(both, 4, 4 * gb) == ["rg_mlx/float32", "mlx-lm+blas/float32"]  # 3 x 5.2 GB fit in 20
+    assert speed.duel_runs(both, 4, 6 * gb) == []  # 3 x 7.8 GB do not
+    assert speed.duel_runs(both, 0, 4 * gb) == []
+    assert speed.duel_runs(["rg_mlx/float32", "hf-float32/float32"], 4, 4 * gb) == []
     monkeypatch.setattr(speed, "available_bytes", lambda: 0)  # unknown (no /proc/meminfo)
-    assert speed.duel_runtimes(both, 4, 6 * gb) == ["rg_mlx", "mlx-lm+blas"]
+    assert speed.duel_runs(both, 4, 6 * gb) == ["rg_mlx/float32", "mlx-lm+blas/float32"]
 
 
 def test_tables_without_peers_or_rounds():
     ours = {"dtype": "float32", "blas": "x", "prompt": {"8": {"tok_s": 80.0, "ttft_s": 0.1}},
-            "decode": {"tok_s": 5.0, "tokens": 4}, "load_s": 1.0, "peak_rss_bytes": 10**9, "state_bytes": 2**20}
-    text = speed.tables("tiny", {"rg_mlx": ours}, [8], 20e9, 4 * 10**9)
-    assert "compared with each peer" not in text and "rounds" not in text
+            "decode": {"tok_s": 5.0, "tokens": 4}, "load_s": 1.0, "peak_rss_bytes": 10**9, "state_bytes": 2**20,
+            "bytes_per_token": 4 * 10**9}
+    text = speed.tables("tiny", {"rg_mlx/float32": ours}, [8], 20e9)
+    assert "compared with each peer" not in text and "rounds" not in text and "each kind of weights" not in text
     assert "(probed before the first runtime)" in text
-    assert "= 5.00 tok/s; rg_mlx decodes at 5.00 tok/s = 100% of it" in text
+    assert "| rg_mlx | float32 | float32 | x | 80.0 | 0.10 | 5.00 | 100% | 4.00 |" in text
 
 
 def test_peers_not_installed_are_skipped_with_a_note(monkeypatch):

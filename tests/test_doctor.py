@@ -9,15 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from kernel_stand_ins import injected, kernel_set
 
 from rg_mlx import doctor
 from rg_mlx.cli import main as cli_main
+from rg_mlx.cpu import native
 
 SYSTEM_FIELDS = {
     "rg_mlx", "platform", "cpu", "memory_bytes", "python", "mlx", "mlx_lm", "default_device", "device", "blas",
-    "bandwidth_bytes_per_second", "paths", "model", "bfloat16_model", "self_check_cache", "seconds", "ok",
+    "native", "bandwidth_bytes_per_second", "paths", "model", "bfloat16_model", "self_check_cache", "seconds", "ok",
 }  # fmt: skip
 
 
@@ -42,10 +44,13 @@ def test_doctor_text_in_a_new_process(cache):
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stdout + result.stderr
     text = result.stdout
-    headings = ("system", "  cpu ", "  memory ", "  mlx ", "  device ", "  blas ", "  bandwidth ", "scan paths: ops")
+    headings = ("system", "  cpu ", "  memory ", "  mlx ", "  device ", "  blas ", f"  native      {native.status()}\n",
+                "  bandwidth ", "scan paths: ops")
     for heading in headings:
         assert f"\n{heading}" in text, heading
-    assert text.count("  ok") == len(doctor.BATTERY) + 2 + 2  # three dtypes in the first case; two model checks
+    products = len(native.supported_isas()) * len(doctor.PRODUCTS) if native.available() else 0
+    # three dtypes in the first case; the native products on each instruction set; two model checks
+    assert text.count("  ok") == len(doctor.BATTERY) + 2 + products + 2
     assert "FAILED" not in text and "everything agrees" in text
     assert seconds < 60
     print(f"rg-mlx doctor: {seconds:.1f} s in a new process")
@@ -79,6 +84,28 @@ def test_doctor_json_holds_every_field(cache, small, capsys):
     (bf16,) = report["bfloat16_model"]
     assert bf16["dtype"] == "bfloat16" and bf16["state_dtype"] == "float32" and 0 < bf16["error"] <= bf16["tolerance"]
     assert report["self_check_cache"]["file"] == str(cache / "selfcheck.json")
+    assert report["native"]["status"] == native.status()
+    products = report["native"]["products"]
+    if native.available():
+        assert [(c["isa"], c["product"].split(",")[0]) for c in products] == [
+            (isa, str(w) + ("-bit" if isinstance(w, int) else "")) for isa in native.supported_isas()
+            for w, _, _ in doctor.PRODUCTS
+        ]
+        assert all(c["ok"] and 0 <= c["error"] <= c["tolerance"] for c in products)
+    else:
+        assert products == []
+
+
+def test_doctor_fails_on_a_wrong_native_product(monkeypatch):
+    """A native product computing something else (here: its weight's rows shifted by one) fails its check."""
+    if not native.available():
+        pytest.skip("native CPU products not built")
+    right = native.matmul
+    monkeypatch.setattr(native, "matmul", lambda x, w: right(x, mx.roll(w, 1, axis=0)))
+    checks = doctor.native_checks()
+    dense = [c for c in checks if not c.product.split(",")[0].endswith("-bit")]
+    assert dense and not any(c.ok for c in dense)
+    assert all(c.ok for c in checks if c not in dense)
 
 
 def test_doctor_on_a_working_kernel_path(cache, small, tmp_path):

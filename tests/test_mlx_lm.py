@@ -19,7 +19,7 @@ import pytest
 from conftest import write_tiny_model
 
 import rg_mlx.state
-from rg_mlx import cpu, integration, load_model
+from rg_mlx import cpu, integration, load_model, loading
 from rg_mlx.cli import main
 from rg_mlx.demo import model_path as demo_path
 from rg_mlx.state import state_bytes
@@ -103,11 +103,20 @@ def test_mlx_lm_build_applies_our_dtype_and_acceleration_rules(registered, tmp_p
     folder = write_tiny_model(tmp_path)
     weights = mx.load(str(folder / "model.safetensors"))
     mx.save_safetensors(str(folder / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()})
+    tokens = mx.array([[3, 14, 15, 92, 65, 35]])
+    # Accelerated, the same dtype rule as `rg_mlx.load`: with the native CPU products, the bfloat16 Linear and
+    # embedding weights stay bfloat16 (float32 compute), the rest is float32.
+    theirs, _ = mlx_lm_load_model(folder)
+    ours = load_model(folder)
+    assert cpu.accelerated(theirs) == cpu.wanted()
+    dtypes = {k: v.dtype for k, v in tree_flatten(theirs.parameters())}
+    assert dtypes == {k: v.dtype for k, v in tree_flatten(ours.parameters())}
+    assert (mx.bfloat16 in dtypes.values()) == loading.keeps_stored_weights(mx.float32)
+    np.testing.assert_array_equal(np.array(theirs(tokens)), np.array(ours(tokens)))
     monkeypatch.setenv(cpu.ENV_VAR, "0")
     theirs, _ = mlx_lm_load_model(folder)
     assert not cpu.accelerated(theirs)
     assert {v.dtype for _, v in tree_flatten(theirs.parameters())} == {mx.float32}
-    tokens = mx.array([[3, 14, 15, 92, 65, 35]])
     np.testing.assert_array_equal(np.array(theirs(tokens)), np.array(load_model(folder, accelerate=False)(tokens)))
 
 

@@ -138,14 +138,15 @@ def test_dense_product(isa, w_dtype, x_dtype):
         check(y, x, f64(w), expected, (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(expected))
 
 
-@pytest.mark.parametrize("M", [3, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
 def test_decode_blocks(isa, M):
-    """Decode products in several row blocks and k blocks (x read from L1 one block at a time)."""
+    """Decode products in several row blocks and k blocks (x read from L1 one block at a time; for one or two
+    rows, each group's sum scaled once, over several blocks of groups)."""
     rng = np.random.default_rng(M)
     N = 150
     for bits in (4, 8):
-        w, scales, biases = quantized(rng, N, 2560, 32, bits, mx.bfloat16)
-        x = mx.array(rng.standard_normal((M, 2560)).astype(np.float32))
+        w, scales, biases = quantized(rng, N, 5120, 32, bits, mx.bfloat16)
+        x = mx.array(rng.standard_normal((M, 5120)).astype(np.float32))
         check(native.quantized_matmul(x, w, scales, biases, 32, bits), x, dequantize64(w, scales, biases, 32, bits),
               mx.float32)
     for w_dtype in (mx.bfloat16, mx.float16):

@@ -1,4 +1,5 @@
-"""Random-weight benchmark checkpoints in Hugging Face format, loadable by rg_mlx, mlx-lm and transformers."""
+"""Random-weight benchmark checkpoints in Hugging Face format, loadable by rg_mlx, mlx-lm and transformers, and
+their conversions by `rg_mlx.convert` into each kind of weights the bench compares (`weights_folder`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ CONFIGS: dict[str, ModelArgs] = {
 }
 
 _SHARD_BYTES = 2 << 30
+# The kinds of weights the bench compares: how `rg_mlx.convert` writes each (dtype, quantization bits); quantized
+# weights keep bfloat16 scales and biases (group size 64), as `rg-mlx convert --dtype bfloat16 -q` writes them.
+WEIGHTS: dict[str, tuple[str, int | None]] = {
+    "float32": ("float32", None),
+    "bfloat16": ("bfloat16", None),
+    "8bit": ("bfloat16", 8),
+    "4bit": ("bfloat16", 4),
+}
 
 
 def parameter_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -73,9 +82,49 @@ def write_checkpoint(name: str, folder: Path, *, dtype: str = "float32", seed: i
     config = args.to_dict()
     config["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(tmp / "tokenizer.model", args.vocab_size)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A `tokenizer.model` of `vocab_size` pieces, as `rg_mlx.convert` needs beside the weights: the bundled demo
+    model's SentencePiece model (Gemma's special tokens and ids) padded with unused pieces. Prompts in the bench
+    are random token ids, so what it encodes does not matter."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from ..demo import model_path
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((model_path() / "tokenizer.model").read_bytes())
+    unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    for i in range(vocab_size - len(proto.pieces)):
+        proto.pieces.add(piece=f"<unused{i}>", score=0.0, type=unused)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def weights_folder(name: str, base: Path, weights: str) -> Path:
+    """The checkpoint `name` (written at `base` by `write_checkpoint`, its dtype in `base`'s config) with
+    `weights` (a key of `WEIGHTS`): `base` itself where it already has them, else its conversion by
+    `rg_mlx.convert`, written once beside it (`<name>-<weights>`)."""
+    from ..convert import convert
+
+    dtype, bits = WEIGHTS[weights]
+    if bits is None and json.loads((base / "config.json").read_text()).get("torch_dtype") == dtype:
+        return base
+    folder = base.with_name(f"{name}-{weights}")
+    if not (folder / "config.json").is_file():  # convert writes the folder whole, or not at all
+        if not (base / "tokenizer.model").is_file():  # a checkpoint written before the tokenizer was
+            write_tokenizer(base / "tokenizer.model", CONFIGS[name].vocab_size)
+        convert(base, folder, dtype=dtype, quantize=bits is not None, q_bits=bits, q_group_size=64, chat=False)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the weights in `folder` (its safetensors files): what a decode step reads, each weight once."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def parameter_count(args: ModelArgs) -> int:

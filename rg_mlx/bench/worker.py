@@ -1,6 +1,6 @@
 """One runtime on one checkpoint, in its own process: prints one JSON line of measurements.
 
-    python PATH/TO/rg_mlx/bench/worker.py --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype float32] [--blas none]
+    python PATH/TO/rg_mlx/bench/worker.py --runtime rg_mlx|mlx-lm|hf --model DIR [--dtype bfloat16] [--blas none]
         [--serve]
 
 It runs as a script by its file path, never as the module `rg_mlx.bench.worker`: importing the rg_mlx
@@ -39,27 +39,31 @@ _DECODE_PROMPT = 16
 class MLXRunner:
     """rg_mlx or mlx-lm: both follow mlx-lm's model protocol."""
 
-    def __init__(self, runtime: str, model_dir: str, dtype: str):
+    def __init__(self, runtime: str, model_dir: str, dtype: str | None):
         import mlx.core as mx
 
         self.mx, self.runtime = mx, runtime
         if runtime == "rg_mlx":
             import rg_mlx
 
-            self.model = rg_mlx.load_model(model_dir, dtype=dtype)
+            self.model = rg_mlx.load_model(model_dir, dtype=dtype)  # None: its default (float32 on the CPU)
         else:
             from pathlib import Path
 
             from mlx.utils import tree_map
             from mlx_lm.utils import load_model
 
-            self.model, _ = load_model(Path(model_dir))
-            target = getattr(mx, dtype)
-            self.model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
-                                       self.model.parameters()))
+            self.model, _ = load_model(Path(model_dir))  # the folder's dtypes, as mlx-lm's users run it
+            if dtype is not None:
+                target = getattr(mx, dtype)
+                self.model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                           self.model.parameters()))
             mx.eval(self.model.parameters())
         self.cache = None
         self.params = sum(p.size for _, p in _flatten(self.model.parameters()))
+        # What the layers compute in: the logits' dtype (mlx-lm computes in its weights' dtype; quantized: their
+        # scales'; rg_mlx in its compute dtype).
+        self.activations = str(self.model(mx.array([[1]])).dtype).removeprefix("mlx.core.")
 
     def _steps(self, ids, n):
         mx = self.mx
@@ -107,6 +111,7 @@ class HFRunner:
         logging.disable_progress_bar()
         self.torch = torch
         self.model = RecurrentGemmaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        self.activations = dtype
         self.params = sum(p.numel() for p in self.model.parameters())
         self.out = None
 
@@ -200,17 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime", choices=["rg_mlx", "mlx-lm", "hf"], required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype; default: rg_mlx's own rule, mlx-lm's the folder's, transformers float32")
     p.add_argument("--blas", default=None, help="'none': MLX as installed; default: rg_mlx's fast path (RG_MLX_BLAS)")
     p.add_argument("--prompt-lengths", default="", help="comma-separated")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--budget", type=float, default=150.0, help="seconds one measurement may take")
     p.add_argument("--serve", action="store_true",
                    help="leave decode out of the report, then measure it for each 'decode' line on stdin")
+    p.add_argument("--round-budget", type=float, default=None,
+                   help="seconds each decode measurement on request may take (default: --budget)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     blas = None
+    native = None
     if args.runtime == "rg_mlx" or (args.runtime == "mlx-lm" and args.blas != "none"):
         # rg_mlx's fast path, loaded before anything imports mlx.core; never in transformers' process,
         # which runs as its users run it (the fast path's malloc settings would change its speed and memory).
@@ -219,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         from rg_mlx import _blas
 
         blas = _blas.active()
+        if args.runtime == "rg_mlx":
+            from rg_mlx.cpu import native as native_products
+
+            native = native_products.status()
     if args.runtime == "hf":
         # A source checkout on sys.path (PYTHONPATH=.) has a top-level `kernels/` folder (rg_mlx.kernels) that
         # would pass for Hugging Face's `kernels` package, which transformers imports wherever it finds one,
         # and that imports rg_mlx.
         sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.curdir, "rg_mlx", "bench"))]
-        runner = HFRunner(args.model, args.dtype)
+        runner = HFRunner(args.model, args.dtype or "float32")
         blas = "torch " + __import__("torch").__version__
     else:
         runner = MLXRunner(args.runtime, args.model, args.dtype)
@@ -236,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     vocab = config["vocab_size"]
     result = measure(runner, vocab, lengths, 0 if args.serve else args.decode_tokens, args.budget)
     result.update(
-        runtime=args.runtime, dtype=args.dtype, blas=blas, fast_path="rg_mlx._blas" in sys.modules,
+        runtime=args.runtime, dtype=runner.activations, blas=blas, native=native,
+        fast_path="rg_mlx._blas" in sys.modules,
         load_s=load_s, params=runner.params,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     print(json.dumps(result), flush=True)
     if args.serve:
-        serve(runner, vocab, args.decode_tokens, args.budget)
+        serve(runner, vocab, args.decode_tokens, args.round_budget or args.budget)
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench.checkpoint import CONFIGS
+from ..bench.checkpoint import CONFIGS, WEIGHTS
 from ..bench.speed import RUNTIMES
 
 
@@ -44,8 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runtimes", type=_csv(str, RUNTIMES), default=list(RUNTIMES),
-        help=f"which to run, comma-separated (default all: {','.join(RUNTIMES)}); "
-        "mlx-lm is MLX as installed, mlx-lm+blas runs with rg_mlx's Linux fast path (its BLAS and malloc settings)",
+        help=f"which to run, comma-separated (default all: {','.join(RUNTIMES)}); rg_mlx-bf16 is rg_mlx computing "
+        "in bfloat16 (on bfloat16 weights); mlx-lm is MLX as installed (on float32 weights), mlx-lm+blas runs with "
+        "rg_mlx's Linux fast path (its BLAS and malloc settings); transformers reads the checkpoint as written",
+    )
+    parser.add_argument(
+        "--weights", type=_csv(str, WEIGHTS), default=None,
+        help=f"kinds of weights rg_mlx and mlx-lm run on, comma-separated ({','.join(WEIGHTS)}; quantized: group "
+        "size 64, bfloat16 scales), each converted once by rg_mlx.convert beside the checkpoint "
+        "(default: all for bench, bfloat16,4bit for 2b)",
     )
     parser.add_argument(
         "--prompt-lengths", type=_csv(int), default=[512, 2048, 8192], help="prompt lengths (default 512,2048,8192)"
@@ -60,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--work-dir", type=Path, default=Path("~/.cache/rg_mlx/bench").expanduser(),
-        help="where the random-weight checkpoints are written once (bench: 4.5 GB, 2b: 5.4 GB)",
+        help="where the random-weight checkpoints and their conversions are written once (bench: 4.5 GB, and 3.8 GB "
+        "for its bfloat16, 8-bit and 4-bit weights; 2b: 5.4 GB, and 1.5 GB for 4-bit)",
     )
     parser.add_argument(
         "--budget", type=float, default=120.0,

@@ -48,6 +48,7 @@ def format_report(report) -> str:
         f"  mlx         {report.mlx}, mlx-lm {report.mlx_lm or 'not installed'}",
         f"  device      {device}",
         f"  blas        {blas}",
+        f"  native      {report.native['status']}",
         f"  bandwidth   {report.bandwidth_bytes_per_second / 1e9:.1f} GB/s (reading a 256 MiB float32 array)",
         "",
         f"scan paths: {', '.join(p.path for p in report.paths)}",
@@ -66,6 +67,11 @@ def format_report(report) -> str:
         for s in p.self_check or []:
             result = "agrees with the ops path" if s.ok else s.failure
             lines.append(f"  {p.path}: self-check {s.dtypes}: {result} ({s.seconds * 1e3:.0f} ms)  {_mark(s.ok)}")
+    if report.native["products"]:
+        lines += ["", "native CPU products against float64 (error relative to the sum of the terms' magnitudes)"]
+    for c in report.native["products"]:
+        error = f"error {c.error:.2g} (tolerance {c.tolerance:.0e})" if c.error is not None else c.failure
+        lines.append(f"  {c.isa:<11} {c.product:<30} {error}  {_mark(c.ok)}")
     lines += ["", "tiny random model, logits against the ops path in float32 (recurrent state dtype)"]
     for m in report.model + report.bfloat16_model:
         error = f"error {m.error:.2g} (tolerance {m.tolerance:.0e})" if m.error is not None else m.failure

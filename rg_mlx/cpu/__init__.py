@@ -4,9 +4,12 @@ On MLX's CPU backend a product with one row (a decode step) runs on one thread, 
 kernels run on one thread and evaluate `tanh`/`exp`/`sigmoid` one libm call at a time, and
 attention is an unfused reference. `accelerate` keeps the model's math and changes how it runs:
 
-- layers are swapped as `nn.quantize` swaps them: `nn.Linear` -> `parallel.SplitLinear` and the tied
-  output layer `nn.Embedding` -> `parallel.SplitEmbedding`, whose decode-sized products of large
-  weights are split over one CPU stream per core where the BLAS runs them on one thread;
+- layers are swapped as `nn.quantize` swaps them. Where rg_mlx's native CPU products are loaded
+  (`native`), every layer they take (`native_layers.takes`: bfloat16/float16 and 4/8-bit affine
+  quantized `Linear` layers and the embedding, which is also the tied output layer) runs on them
+  (`native_layers`); of the rest, `nn.Linear` -> `parallel.SplitLinear` and `nn.Embedding` ->
+  `parallel.SplitEmbedding`, whose decode-sized products of large weights are split over one CPU
+  stream per core where the BLAS runs them on one thread;
 - entries of the model's `Ops` table are replaced by `rg_mlx.cpu.ops`: GELU gating and the soft cap
   as compiled polynomial math (`fast_math`), the RG-LRU's gate math likewise, a long prompt's
   elementwise passes and attention split over the CPU streams, and a still-filling attention ring
@@ -71,14 +74,25 @@ def recast(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def accelerate(model: nn.Module) -> nn.Module:
+def accelerate(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Module:
     """Apply the CPU accelerations to a built `rg_mlx.Model` in place (see the module docstring); returns it.
+
+    Args:
+        model: the model, its weights loaded (which layers run on the native products depends on them).
+        dtype: the compute dtype (the activations'), which an embedding kept narrower returns from its
+            lookups; default: the dtype of the model's final norm, which the loader's dtype rule
+            (`rg_mlx.loading.cast_parameters`) always casts to the compute dtype.
 
     The logits stay those of the plain model (to float32 rounding). Applying it twice changes nothing.
     """
-    from . import ops, parallel
+    from . import native_layers, ops, parallel
+
+    dtype = dtype or model.model.final_norm.weight.dtype
 
     def split(path: str, module: nn.Module) -> nn.Module | None:
+        native = native_layers.native_layer(module, dtype)
+        if native is not None:
+            return native
         if type(module) is nn.Linear:
             return recast(module, parallel.SplitLinear)
         if type(module) is nn.Embedding:

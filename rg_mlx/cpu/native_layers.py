@@ -1,10 +1,15 @@
 """Layers that run their products on rg_mlx's native CPU products (`rg_mlx.cpu.native`), swapped into a
-built model the way `nn.quantize` swaps (`swap_native_layers`).
+built model the way `nn.quantize` swaps (`rg_mlx.cpu.accelerate` does it; `swap_native_layers` alone).
 
 Each replacement subclasses the layer it replaces and shares its parameter arrays under the same names,
 so `load_weights`, `save_weights`, `freeze` and LoRA (which wraps `nn.Linear` / `nn.QuantizedLinear`)
 see the same tree. What the products cannot take (float32 weights, other quantization modes or bit
 widths, integer activations, or no extension) falls through to MLX's own operations.
+
+`native_layer` is the one place that decides whether a layer runs on these products (`takes`); the
+loader's dtype rule (`rg_mlx.loading.cast_parameters`) asks it which layers keep their stored weights.
+A table kept narrower than the activations (a bfloat16 or quantized embedding in a float32 model) is
+looked up in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -48,10 +53,27 @@ def _quantized_ok(m: nn.Module) -> bool:
     )
 
 
+def takes(m: nn.Module) -> bool:
+    """Whether the native products can run layer `m` as it is (its class and weight dtype and format),
+    leaving aside whether the extension is loaded: an `nn.Linear` or `nn.Embedding` with a bfloat16 or
+    float16 weight, or their quantized forms in MLX's affine format with 4 or 8 bits."""
+    if isinstance(m, _NATIVE):
+        return True
+    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return _quantized_ok(m)
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        return _dense_ok(m["weight"])
+    return False
+
+
 def _dense_product(x: mx.array, weight: mx.array) -> mx.array:
     if x.dtype in _FLOATS and native.available():
         return native.matmul(x, weight)
     return x @ weight.T
+
+
+def _looked_up(rows: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    return rows if dtype is None or rows.dtype == dtype else rows.astype(dtype)
 
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array:
@@ -88,24 +110,43 @@ class NativeQuantizedLinear(nn.QuantizedLinear):
 
 
 class NativeEmbedding(nn.Embedding):
-    """`nn.Embedding` with a bfloat16 or float16 table whose `as_linear` (a tied output layer) is native."""
+    """`nn.Embedding` with a bfloat16 or float16 table whose `as_linear` (a tied output layer) is native;
+    its lookups return `lookup_dtype` (None: the table's)."""
+
+    lookup_dtype: mx.Dtype | None = None
 
     @classmethod
-    def from_module(cls, m: nn.Embedding) -> NativeEmbedding:
-        """A NativeEmbedding sharing `m`'s table."""
-        return _adopt(cls, m)
+    def from_module(cls, m: nn.Embedding, lookup_dtype: mx.Dtype | None = None) -> NativeEmbedding:
+        """A NativeEmbedding sharing `m`'s table, whose lookups return `lookup_dtype` (None: the table's)."""
+        new = _adopt(cls, m)
+        new.lookup_dtype = lookup_dtype
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _looked_up(super().__call__(x), self.lookup_dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _dense_product(x, self["weight"])
 
 
 class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
-    """`nn.QuantizedEmbedding` (affine, 4 or 8 bits) whose `as_linear` (a tied output layer) is native."""
+    """`nn.QuantizedEmbedding` (affine, 4 or 8 bits) whose `as_linear` (a tied output layer) is native; its
+    lookups return `lookup_dtype` (None: the scales')."""
+
+    lookup_dtype: mx.Dtype | None = None
 
     @classmethod
-    def from_module(cls, m: nn.QuantizedEmbedding) -> NativeQuantizedEmbedding:
-        """A NativeQuantizedEmbedding sharing `m`'s table, scales and biases."""
-        return _adopt(cls, m)
+    def from_module(cls, m: nn.QuantizedEmbedding, lookup_dtype: mx.Dtype | None = None) -> NativeQuantizedEmbedding:
+        """A NativeQuantizedEmbedding sharing `m`'s table, scales and biases, whose lookups return `lookup_dtype`."""
+        new = _adopt(cls, m)
+        new.lookup_dtype = lookup_dtype
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Dequantized in the lookup dtype: with scales narrower than it, MLX's would round each row to theirs.
+        dtype = self.lookup_dtype or self["scales"].dtype
+        return mx.dequantize(self["weight"][x], self["scales"][x].astype(dtype), self["biases"][x].astype(dtype),
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_product(self, x)
@@ -114,31 +155,29 @@ class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
 _NATIVE = (NativeLinear, NativeQuantizedLinear, NativeEmbedding, NativeQuantizedEmbedding)
 
 
-def native_layer(m: nn.Module) -> nn.Module | None:
-    """`m`'s native replacement, or None where it has none (already native, float32, other formats)."""
-    if isinstance(m, _NATIVE):
+def native_layer(m: nn.Module, lookup_dtype: mx.Dtype | None = None) -> nn.Module | None:
+    """`m`'s native replacement, or None where it has none (already native, float32, other formats, or the
+    native products unavailable). An embedding's lookups return `lookup_dtype` (None: its table's)."""
+    if isinstance(m, _NATIVE) or not takes(m) or not native.available():
         return None
-    if isinstance(m, nn.QuantizedLinear) and _quantized_ok(m):
+    if isinstance(m, nn.QuantizedLinear):
         return NativeQuantizedLinear.from_module(m)
-    if isinstance(m, nn.QuantizedEmbedding) and _quantized_ok(m):
-        return NativeQuantizedEmbedding.from_module(m)
-    if isinstance(m, nn.Linear) and _dense_ok(m["weight"]):
+    if isinstance(m, nn.QuantizedEmbedding):
+        return NativeQuantizedEmbedding.from_module(m, lookup_dtype)
+    if isinstance(m, nn.Linear):
         return NativeLinear.from_module(m)
-    if isinstance(m, nn.Embedding) and _dense_ok(m["weight"]):
-        return NativeEmbedding.from_module(m)
-    return None
+    return NativeEmbedding.from_module(m, lookup_dtype)
 
 
-def swap_native_layers(model: nn.Module) -> int:
+def swap_native_layers(model: nn.Module, lookup_dtype: mx.Dtype | None = None) -> int:
     """Swap every eligible leaf layer of `model` for its native replacement, in place (as `nn.quantize`
-    does); returns how many were swapped (0 where the native products are unavailable)."""
-    if not native.available():
-        return 0
+    does); returns how many were swapped (0 where the native products are unavailable). Embedding
+    lookups return `lookup_dtype` (None: the table's)."""
     swapped = 0
 
     def swap(_path: str, m: nn.Module) -> nn.Module:
         nonlocal swapped
-        new = native_layer(m)
+        new = native_layer(m, lookup_dtype)
         if new is None:
             return m
         swapped += 1

@@ -14,7 +14,8 @@ passes (the RG-LRU gates, GELU gating) are split the same way, by rows (`element
 RG-LRU gates of a 512-token chunk of the 2B widths go from 140 to 80 ms there. So is a long
 prompt's attention, by heads (`attention`): on the CPU, MLX's scaled dot-product attention is
 its unfused reference (masking and softmax on one thread); a 512-token chunk's attention over
-2560 keys with the 2B widths goes from 326-362 to 255-299 ms there.
+2560 keys with the 2B widths goes from 326-362 to 255-299 ms there. A bfloat16 or float16 model's
+attention is computed in float32 on the CPU.
 """
 
 from __future__ import annotations

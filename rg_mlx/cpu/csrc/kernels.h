@@ -26,11 +26,14 @@ struct Quantized {
 
 struct Kernels {
   const char* name;
-  // Lanes of a vector: x for a 4-bit product is laid out in chunks of 2 * width, even k then odd k.
+  // Lanes of a vector: x for a 4-bit or bfloat16 weight is laid out in pairs (kernels_impl.h): each row in
+  // chunks of 2 * width, even k then odd k, the row's last K % (2 * width) values in order.
   int width;
-  // out[m, n] for n in [n0, n1) and m < M (at most 8): x [M, K] float32 (from `prepare_x`) times a
-  // quantized weight; out has row stride ldo and dtype odt.
-  void (*q_rows)(const float* x, int M, int K, const Quantized& w, int n0, int n1, void* out, DType odt, long ldo);
+  // out[m, n] for n in [n0, n1) and m < M (at most 8): x [M, K] float32 (laid out as above) times a
+  // quantized weight; out has row stride ldo and dtype odt. For M <= 2, xs [M, K / group_size] holds the
+  // sums of x over each group (in order).
+  void (*q_rows)(const float* x, const float* xs, int M, int K, const Quantized& w, int n0, int n1, void* out,
+                 DType odt, long ldo);
   // The same for a dense bfloat16 / float16 weight [N, K].
   void (*h_rows)(const float* x, int M, int K, const uint16_t* w, DType wdt, int n0, int n1, void* out, DType odt,
                  long ldo);

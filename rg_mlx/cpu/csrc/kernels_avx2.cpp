@@ -32,6 +32,11 @@ struct Avx2 {
     lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), g.s, g.b);
     hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), g.s, g.b);
   }
+  static void raw4(const uint8_t* p, F& lo, F& hi) {
+    const __m256i v = bytes(p);
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+  }
   static void interleave(float* d, F lo, F hi) {
     // a = [values 0-3 | 8-11], b = [4-7 | 12-15] (unpack works within 128-bit lanes)
     const F a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
@@ -40,6 +45,11 @@ struct Avx2 {
   }
   static F bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static void bf16_pairs(const uint16_t* p, F& lo, F& hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
   }
   static F f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   static void narrow_bf16(const float* s, uint16_t* d) {

@@ -6,7 +6,13 @@
 // set1, fma, sum; u8 (W bytes as floats 0..255); G4 and
 // group4(scale, bias) (what a 4-bit group needs to dequantize); deq4 (W bytes = 2W values of a group
 // to floats: lo = values 2i, hi = values 2i+1); interleave (lo, hi back to value order); bf16 and f16
-// (W half values as floats); narrow_bf16 / narrow_f16 (W floats to half values).
+// (W half values as floats); bf16_pairs (2W bfloat16 values to floats: lo = values 2i, hi = values
+// 2i+1, each by one shift or mask of the words as loaded); narrow_bf16 / narrow_f16 (W floats to half
+// values).
+//
+// The decode products read the weight's values in those pairs where that saves work (4-bit and
+// bfloat16 weights): x is laid out to match (`Kernels::pairs`), each row in chunks of 2W, the values of
+// even k first, then those of odd k; a row's last K % 2W values stay in order.
 #pragma once
 
 #include "convert.h"
@@ -30,26 +36,64 @@ constexpr int rows_per_pass() {
 constexpr int ROW_BLOCK = 64;
 constexpr int X_BLOCK_FLOATS = 4096;
 
-// sums[r * M + m] += x[m, groups g0 .. g1) . w[n + r, same] for a quantized weight.
+// The groups one pass of q_pass covers, at most (X_BLOCK_FLOATS / group size 32).
+constexpr int MAX_PASS_GROUPS = X_BLOCK_FLOATS / 32;
+
+template <class V>
+void widen(const void* src, DType dt, size_t n, float* dst);
+
+// sums[r * M + m] += x[m, groups g0 .. g1) . w[n + r, same] for a quantized weight. The pass's scales and
+// biases are widened to float32 once, up front. For one or two rows of x, where decoding the weight rather
+// than multiplying it by x is the work, each group's integers times x are summed and scaled once,
+// s * sum(q x) + b * sum(x), with the groups' sums of x given (`xs`, [M, K / group size]); for more rows, the
+// weight is dequantized first (4 bits: from a table of the group's 16 values), its products shared by them.
 template <class V, int BITS, int M, int NR>
-void q_pass(const float* x, int K, const Quantized& q, int n, int g0, int g1, float* sums) {
+void q_pass(const float* x, const float* xs, int K, const Quantized& q, int n, int g0, int g1, float* sums) {
   using F = typename V::F;
   constexpr int W = V::W;
   constexpr int STEP = BITS == 4 ? 2 * W : W;  // values per vector of packed bytes
-  const int gs = q.group_size, groups = K / gs;
+  constexpr bool FACTOR = M <= 2;
+  const int gs = q.group_size, groups = K / gs, ng = g1 - g0;
   const long row_bytes = (long)K * BITS / 8;
+  const size_t sbytes = q.sdt == DType::f32 ? 4 : 2, bbytes = q.bdt == DType::f32 ? 4 : 2;
+  float sc[NR][MAX_PASS_GROUPS], bi[NR][MAX_PASS_GROUPS];
+  for (int r = 0; r < NR; ++r) {
+    const size_t at = (size_t)(n + r) * groups + g0;
+    widen<V>((const char*)q.scales + at * sbytes, q.sdt, ng, sc[r]);
+    widen<V>((const char*)q.biases + at * bbytes, q.bdt, ng, bi[r]);
+  }
   F acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
   for (int g = g0; g < g1; ++g) {
-    float s[NR], b[NR];
-    for (int r = 0; r < NR; ++r) {
-      s[r] = load_scalar(q.scales, q.sdt, (size_t)(n + r) * groups + g);
-      b[r] = load_scalar(q.biases, q.bdt, (size_t)(n + r) * groups + g);
-    }
-    if constexpr (BITS == 4) {
+    const int i = g - g0;
+    if constexpr (FACTOR) {
+      F part[M][NR];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < NR; ++r) part[m][r] = V::zero();
+      for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
+        for (int r = 0; r < NR; ++r) {
+          const uint8_t* w = q.w + (n + r) * row_bytes + k * BITS / 8;
+          if constexpr (BITS == 4) {
+            F lo, hi;
+            V::raw4(w, lo, hi);
+            for (int m = 0; m < M; ++m) {
+              part[m][r] = V::fma(V::load(x + (long)m * K + k), lo, part[m][r]);
+              part[m][r] = V::fma(V::load(x + (long)m * K + k + W), hi, part[m][r]);
+            }
+          } else {
+            const F wv = V::u8(w);
+            for (int m = 0; m < M; ++m) part[m][r] = V::fma(V::load(x + (long)m * K + k), wv, part[m][r]);
+          }
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        const F s = V::set1(sc[r][i]);
+        for (int m = 0; m < M; ++m) acc[m][r] = V::fma(part[m][r], s, acc[m][r]);
+      }
+    } else if constexpr (BITS == 4) {
       typename V::G4 deq[NR];
-      for (int r = 0; r < NR; ++r) deq[r] = V::group4(s[r], b[r]);
+      for (int r = 0; r < NR; ++r) deq[r] = V::group4(sc[r][i], bi[r][i]);
       for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
         for (int r = 0; r < NR; ++r) {
           F lo, hi;
@@ -61,18 +105,27 @@ void q_pass(const float* x, int K, const Quantized& q, int n, int g0, int g1, fl
         }
       }
     } else {
-      F vs[NR], vb[NR];
-      for (int r = 0; r < NR; ++r) vs[r] = V::set1(s[r]), vb[r] = V::set1(b[r]);
       for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
         for (int r = 0; r < NR; ++r) {
-          const F w = V::fma(V::u8(q.w + (n + r) * row_bytes + k), vs[r], vb[r]);
+          const F w = V::fma(V::u8(q.w + (n + r) * row_bytes + k), V::set1(sc[r][i]), V::set1(bi[r][i]));
           for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), w, acc[m][r]);
         }
       }
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < NR; ++r) sums[r * M + m] += V::sum(acc[m][r]);
+    for (int r = 0; r < NR; ++r) {
+      float total = V::sum(acc[m][r]);
+      if constexpr (FACTOR) {  // + sum over groups of b * sum(x)
+        const float* xg = xs + (long)m * groups + g0;
+        F b = V::zero();
+        int i = 0;
+        for (; i + W <= ng; i += W) b = V::fma(V::load(bi[r] + i), V::load(xg + i), b);
+        total += V::sum(b);
+        for (; i < ng; ++i) total += bi[r][i] * xg[i];
+      }
+      sums[r * M + m] += total;
+    }
 }
 
 template <int M>
@@ -81,9 +134,18 @@ void store_sums(const float* sums, int nb, int ne, void* out, DType odt, long ld
     for (int m = 0; m < M; ++m) store_scalar(out, odt, m * ldo + n, sums[(n - nb) * M + m]);
 }
 
+// Weight rows per pass of q_pass: passes that sum per group keep twice the accumulators (for one row of x,
+// twice as many registers as rows_per_pass allows are still few enough).
+template <class V, int M>
+constexpr int q_rows_per_pass() {
+  constexpr int nr = rows_per_pass<V, M>();
+  return M == 2 && nr > 1 ? nr / 2 : nr;
+}
+
 template <class V, int BITS, int M>
-void q_rows_m(const float* x, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
-  constexpr int NR = rows_per_pass<V, M>();
+void q_rows_m(const float* x, const float* xs, int K, const Quantized& q, int n0, int n1, void* out, DType odt,
+              long ldo) {
+  constexpr int NR = q_rows_per_pass<V, M>();
   const int groups = K / q.group_size;
   int block = X_BLOCK_FLOATS / M / q.group_size;
   block = block < 1 ? 1 : block;
@@ -93,50 +155,63 @@ void q_rows_m(const float* x, int K, const Quantized& q, int n0, int n1, void* o
     for (int g0 = 0; g0 < groups; g0 += block) {
       const int g1 = g0 + block < groups ? g0 + block : groups;
       int n = nb;
-      for (; n + NR <= ne; n += NR) q_pass<V, BITS, M, NR>(x, K, q, n, g0, g1, sums + (n - nb) * M);
-      for (; n < ne; ++n) q_pass<V, BITS, M, 1>(x, K, q, n, g0, g1, sums + (n - nb) * M);
+      for (; n + NR <= ne; n += NR) q_pass<V, BITS, M, NR>(x, xs, K, q, n, g0, g1, sums + (n - nb) * M);
+      for (; n < ne; ++n) q_pass<V, BITS, M, 1>(x, xs, K, q, n, g0, g1, sums + (n - nb) * M);
     }
     store_sums<M>(sums, nb, ne, out, odt, ldo);
   }
 }
 
 template <class V, int BITS>
-void q_rows_bits(const float* x, int M, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
+void q_rows_bits(const float* x, const float* xs, int M, int K, const Quantized& q, int n0, int n1, void* out,
+                 DType odt, long ldo) {
   switch (M) {
-    case 1: return q_rows_m<V, BITS, 1>(x, K, q, n0, n1, out, odt, ldo);
-    case 2: return q_rows_m<V, BITS, 2>(x, K, q, n0, n1, out, odt, ldo);
-    case 3: return q_rows_m<V, BITS, 3>(x, K, q, n0, n1, out, odt, ldo);
-    case 4: return q_rows_m<V, BITS, 4>(x, K, q, n0, n1, out, odt, ldo);
-    case 5: return q_rows_m<V, BITS, 5>(x, K, q, n0, n1, out, odt, ldo);
-    case 6: return q_rows_m<V, BITS, 6>(x, K, q, n0, n1, out, odt, ldo);
-    case 7: return q_rows_m<V, BITS, 7>(x, K, q, n0, n1, out, odt, ldo);
-    default: return q_rows_m<V, BITS, 8>(x, K, q, n0, n1, out, odt, ldo);
+    case 1: return q_rows_m<V, BITS, 1>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 2: return q_rows_m<V, BITS, 2>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 3: return q_rows_m<V, BITS, 3>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 4: return q_rows_m<V, BITS, 4>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 5: return q_rows_m<V, BITS, 5>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 6: return q_rows_m<V, BITS, 6>(x, xs, K, q, n0, n1, out, odt, ldo);
+    case 7: return q_rows_m<V, BITS, 7>(x, xs, K, q, n0, n1, out, odt, ldo);
+    default: return q_rows_m<V, BITS, 8>(x, xs, K, q, n0, n1, out, odt, ldo);
   }
 }
 
 template <class V>
-void q_rows(const float* x, int M, int K, const Quantized& q, int n0, int n1, void* out, DType odt, long ldo) {
+void q_rows(const float* x, const float* xs, int M, int K, const Quantized& q, int n0, int n1, void* out, DType odt,
+            long ldo) {
   if (q.bits == 4)
-    q_rows_bits<V, 4>(x, M, K, q, n0, n1, out, odt, ldo);
+    q_rows_bits<V, 4>(x, xs, M, K, q, n0, n1, out, odt, ldo);
   else
-    q_rows_bits<V, 8>(x, M, K, q, n0, n1, out, odt, ldo);
+    q_rows_bits<V, 8>(x, xs, M, K, q, n0, n1, out, odt, ldo);
 }
 
-// sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for a dense half-precision weight; k1 - k0 is a
-// multiple of W except in the last block (k1 == K), whose tail is summed one value at a time.
+// sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for a dense half-precision weight; k0 is a multiple of
+// the step (2W values for bfloat16, read in pairs; W for float16), and so is k1 - k0 except in the last block
+// (k1 == K), whose tail, in order in x, is summed one value at a time.
 template <class V, bool BF16, int M, int NR>
 void h_pass(const float* x, int K, const uint16_t* w, int n, int k0, int k1, float* sums) {
   using F = typename V::F;
   constexpr int W = V::W;
+  constexpr int STEP = BF16 ? 2 * W : W;
   F acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = V::zero();
-  const int kv = k1 - (k1 - k0) % W;
-  for (int k = k0; k < kv; k += W) {
+  const int kv = k1 - (k1 - k0) % STEP;
+  for (int k = k0; k < kv; k += STEP) {
     for (int r = 0; r < NR; ++r) {
       const uint16_t* p = w + (long)(n + r) * K + k;
-      const F wv = BF16 ? V::bf16(p) : V::f16(p);
-      for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), wv, acc[m][r]);
+      if constexpr (BF16) {
+        F lo, hi;
+        V::bf16_pairs(p, lo, hi);
+        for (int m = 0; m < M; ++m) {
+          acc[m][r] = V::fma(V::load(x + (long)m * K + k), lo, acc[m][r]);
+          acc[m][r] = V::fma(V::load(x + (long)m * K + k + W), hi, acc[m][r]);
+        }
+      } else {
+        const F wv = V::f16(p);
+        for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), wv, acc[m][r]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
@@ -151,7 +226,7 @@ void h_pass(const float* x, int K, const uint16_t* w, int n, int k0, int k1, flo
 template <class V, bool BF16, int M>
 void h_rows_m(const float* x, int K, const uint16_t* w, int n0, int n1, void* out, DType odt, long ldo) {
   constexpr int NR = rows_per_pass<V, M>();
-  const int block = X_BLOCK_FLOATS / M / V::W * V::W;
+  const int block = X_BLOCK_FLOATS / M / (2 * V::W) * (2 * V::W);
   for (int nb = n0; nb < n1; nb += ROW_BLOCK) {
     const int ne = nb + ROW_BLOCK < n1 ? nb + ROW_BLOCK : n1;
     float sums[ROW_BLOCK * M] = {};

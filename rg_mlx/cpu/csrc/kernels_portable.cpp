@@ -50,6 +50,9 @@ struct Portable {
       hi.v[i] = (float)(p[i] >> 4) * g.s + g.b;
     }
   }
+  static void raw4(const uint8_t* p, F& lo, F& hi) {
+    for (int i = 0; i < W; ++i) lo.v[i] = (float)(p[i] & 15), hi.v[i] = (float)(p[i] >> 4);
+  }
   static void interleave(float* d, const F& lo, const F& hi) {
     for (int i = 0; i < W; ++i) d[2 * i] = lo.v[i], d[2 * i + 1] = hi.v[i];
   }
@@ -57,6 +60,9 @@ struct Portable {
     F r;
     for (int i = 0; i < W; ++i) r.v[i] = bf16_to_f32(p[i]);
     return r;
+  }
+  static void bf16_pairs(const uint16_t* p, F& lo, F& hi) {
+    for (int i = 0; i < W; ++i) lo.v[i] = bf16_to_f32(p[2 * i]), hi.v[i] = bf16_to_f32(p[2 * i + 1]);
   }
   static F f16(const uint16_t* p) {
     F r;

@@ -115,28 +115,43 @@ void decode(const Product& p, const Kernels* k) {
     return;
   }
 #endif
-  static thread_local std::vector<float> xbuf, tmp;
+  static thread_local std::vector<float> xbuf, tmp, xsums;
   const size_t n = (size_t)p.M * p.K;
   xbuf.resize(n);
-  const bool nibbles = p.q.bits == 4;
-  if (!nibbles) {
-    k->widen(p.x, p.xdt, n, xbuf.data());
-  } else {
-    // The 4-bit kernel decodes a vector of packed bytes into the values of even k (low nibbles) and
-    // odd k (high nibbles): x is laid out to match, per chunk of 2 * width.
+  if (p.q.bits == 4 || (!p.q.bits && p.wdt == DType::bf16)) {
+    // The kernels read these weights in pairs (values 2i and 2i + 1 of a chunk of 2 * width): x is laid out
+    // to match, each row in chunks of 2 * width, even k then odd k, its last K % (2 * width) values in order.
     tmp.resize(n);
     k->widen(p.x, p.xdt, n, tmp.data());
-    const int c = 2 * k->width;
-    for (size_t base = 0; base < n; base += c)
-      for (int i = 0; i < k->width; ++i) {
-        xbuf[base + i] = tmp[base + 2 * i];
-        xbuf[base + k->width + i] = tmp[base + 2 * i + 1];
-      }
+    const int c = 2 * k->width, w = k->width;
+    for (int m = 0; m < p.M; ++m) {
+      const float* src = tmp.data() + (size_t)m * p.K;
+      float* dst = xbuf.data() + (size_t)m * p.K;
+      int base = 0;
+      for (; base + c <= p.K; base += c)
+        for (int i = 0; i < w; ++i) dst[base + i] = src[base + 2 * i], dst[base + w + i] = src[base + 2 * i + 1];
+      for (; base < p.K; ++base) dst[base] = src[base];
+    }
+  } else {
+    k->widen(p.x, p.xdt, n, xbuf.data());
   }
   const float* x = xbuf.data();
   if (p.q.bits) {
+    const float* xs = nullptr;
+    if (p.M <= 2) {  // the sums of x over each group, for the kernels that scale per group (the same in pairs)
+      const int groups = p.K / p.q.group_size;
+      xsums.resize((size_t)p.M * groups);
+      for (int m = 0; m < p.M; ++m)
+        for (int g = 0; g < groups; ++g) {
+          float total = 0.0f;
+          for (int i = 0; i < p.q.group_size; ++i) total += x[(size_t)m * p.K + (size_t)g * p.q.group_size + i];
+          xsums[(size_t)m * groups + g] = total;
+        }
+      xs = xsums.data();
+    }
     const size_t bytes = (size_t)p.N * p.K * p.q.bits / 8;
-    split(p.N, parts_for(bytes), 8, [&](int n0, int n1) { k->q_rows(x, p.M, p.K, p.q, n0, n1, p.out, p.odt, p.N); });
+    split(p.N, parts_for(bytes), 8,
+          [&](int n0, int n1) { k->q_rows(x, xs, p.M, p.K, p.q, n0, n1, p.out, p.odt, p.N); });
   } else {
     const size_t bytes = (size_t)p.N * p.K * 2;
     split(p.N, parts_for(bytes), 8,

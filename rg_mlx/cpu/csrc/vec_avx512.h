@@ -35,6 +35,11 @@ struct Avx512 {
     lo = _mm512_permutexvar_ps(v, g.table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), g.table);
   }
+  static void raw4(const uint8_t* p, F& lo, F& hi) {
+    const __m512i v = bytes(p);
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  }
   static void interleave(float* d, F lo, F hi) {
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -43,6 +48,11 @@ struct Avx512 {
   }
   static F bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static void bf16_pairs(const uint16_t* p, F& lo, F& hi) {
+    const __m512i v = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
   }
   static F f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   static void narrow_bf16(const float* s, uint16_t* d) {
