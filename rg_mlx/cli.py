@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
 }
+# The commands that run over several processes under `mlx.launch` (one model split over them, `Model.shard`).
+DISTRIBUTED = {"generate", "chat", "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from . import distributed
+
+    group = distributed.world()  # the processes mlx.launch started with this one, if any
+    where = f" ({distributed.label(group)})" if group is not None else ""
     try:
-        return args._module.run(args) or 0
+        with distributed.roles(args.command, args.command in DISTRIBUTED):
+            return args._module.run(args) or 0
     except RGError as e:
-        print(f"rg-mlx {args.command}: error: {e}", file=sys.stderr)
+        print(f"rg-mlx {args.command}: error{where}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

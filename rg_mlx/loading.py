@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import cpu, distributed
 from .config import ModelArgs
 from .errors import RGError
 from .model import Model
@@ -100,7 +100,14 @@ def _names(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None) -> Model:
+@distributed.agreed
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    accelerate: bool | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Model:
     """Load a RecurrentGemma model from a local folder (config.json + safetensors).
 
     Args:
@@ -111,12 +118,18 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
             recurrent state is float32 regardless.
         accelerate: apply the CPU accelerations (`rg_mlx.cpu.accelerate`); default: where MLX runs
             on the CPU, unless ``RG_MLX_ACCELERATE=0``.
+        group: an `mx.distributed` group to split the model over (`Model.shard`, tensor
+            parallelism): every rank of the group calls this, and each keeps only its share of
+            the weights (reading one whole tensor at a time). If loading fails on any rank, it
+            raises on every rank (see `rg_mlx.distributed.agree`).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise RGError(f"{path}: no such model folder")
     dtype = parse_dtype(dtype)
     args = read_config(folder)
+    if group is not None:
+        args.check_split(group.size())
     model = Model(args)
     weights = model.sanitize(read_weights(folder))
 
@@ -133,6 +146,11 @@ def load_model(path: str | Path, *, dtype: str | mx.Dtype | None = None, acceler
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
     model.load_weights(list(weights.items()))
+    if group is not None and group.size() > 1:
+        del weights  # what is still lazy is read tensor by tensor below, and only the shares stay
+        model.shard(group)
+        for _, share in tree_flatten(model.parameters()):
+            mx.eval(share)
     mx.eval(model.parameters())
     model.eval()
     if cpu.wanted(accelerate):
@@ -184,8 +202,13 @@ def resolve(path_or_repo: str | Path) -> Path:
         raise RGError(f"{repo}: download failed ({str(e).splitlines()[0]}); retry, or use a local folder") from None
 
 
+@distributed.agreed
 def load(
-    path_or_repo: str | Path, *, dtype: str | mx.Dtype | None = None, accelerate: bool | None = None
+    path_or_repo: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    accelerate: bool | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: `(model, tokenizer)`.
 
@@ -195,9 +218,10 @@ def load(
             ``"demo"``: the tiny demo model bundled with rg_mlx.
         dtype: compute dtype, as in `load_model`.
         accelerate: the CPU accelerations, as in `load_model`.
+        group: an `mx.distributed` group to split the model over, as in `load_model`.
     """
     folder = resolve(path_or_repo)
-    model = load_model(folder, dtype=dtype, accelerate=accelerate)
+    model = load_model(folder, dtype=dtype, accelerate=accelerate, group=group)
     tokenizer = Tokenizer(folder / "tokenizer.model")
     if tokenizer.vocab_size > model.args.vocab_size:
         raise RGError(

@@ -22,12 +22,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     """`rg_mlx.load(--model, --dtype)`; the bundled demo (the default) says so, and how to get a real model."""
     from .. import load
+    from ..distributed import world
 
     if args.model == "demo":
         from ..demo import NOTICE
 
         print(f"rg-mlx {args.command}: {NOTICE}", file=sys.stderr)
-    return load(args.model, dtype=args.dtype)
+    return load(args.model, dtype=args.dtype, group=world())
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
