@@ -203,7 +203,8 @@ def roles(command: str, supported: bool) -> Iterator[mx.distributed.Group | None
     except RuntimeError as e:
         if not lost_connection(e):
             raise
-        raise RGError(f"lost the connection to another rank ({e}): it failed or was stopped (see its message)") from None
+        raise RGError(f"lost the connection to another rank ({e}): it failed or was stopped (see its message)") \
+            from None
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
         if quiet is not None:

@@ -6,8 +6,8 @@
 `check` loads every folder of the job split over the ranks and writes what each rank computed
 (logits, tokens, its parameters' shapes, its state, its memory) to OUT/rank{r}.npz. `cli` runs
 `rg_mlx.cli.main` with each of this rank's command lines in turn (so one rank can be given a bad
-path), writing OUT/pid{r} first and OUT/status{r} (the exit statuses so far) after each. Each rank writes only its own files:
-`mlx.launch` exits 0 whatever the ranks do, so the test reads every rank's result.
+path), writing OUT/pid{r} first and OUT/status{r} (the exit statuses so far) after each. Each rank
+writes only its own files: `mlx.launch` exits 0 whatever the ranks do, so the test reads every rank's.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for its byte counters
 
 
 def run_check(job: dict, out: Path) -> None:
@@ -30,7 +33,10 @@ def run_check(job: dict, out: Path) -> None:
     from rg_mlx.generate import Sampling, generate_step
     from rg_mlx.state import AttentionState, RecurrentState
 
+    from benchmarks.bench_sharded import count_collectives, tcp_bytes_sent
+
     group = mx.distributed.init()
+    counted = count_collectives(mx)
     tokens = mx.array(np.array(job["tokens"], dtype=np.int32))  # [B, T]
     result: dict[str, np.ndarray] = {}
     for name, folder in job["folders"].items():
@@ -47,7 +53,14 @@ def run_check(job: dict, out: Path) -> None:
         cache = model.make_cache()
         prefill, chunk = job["prefill"], job["chunk"]
         outs = [model(tokens[:, s : min(prefill, s + chunk)], cache=cache) for s in range(0, prefill, chunk)]
-        outs += [model(tokens[:, t : t + 1], cache=cache) for t in range(prefill, tokens.shape[1])]
+        mx.eval(outs)
+        before = counted["bytes"], tcp_bytes_sent()
+        for t in range(prefill, tokens.shape[1]):
+            outs.append(model(tokens[:, t : t + 1], cache=cache))
+            mx.eval(outs[-1])
+        steps = tokens.shape[1] - prefill
+        # What this rank's collectives were given, and what its sockets sent, per decode step (a batch of B rows).
+        result[f"{name}/decode_bytes"] = np.array([counted["bytes"] - before[0], tcp_bytes_sent() - before[1]]) / steps
         result[f"{name}/chunked"] = np.array(mx.concatenate(outs, axis=1))
         recurrent = sum(RecurrentState(c).conv.nbytes + RecurrentState(c).h.nbytes
                         for layer, c in zip(model.layers, cache) if layer.temporal_block_type == "recurrent")
@@ -62,8 +75,7 @@ def run_check(job: dict, out: Path) -> None:
             result[f"{name}/{kind}"] = np.array([y.item() for y in steps])
         del model, cache, outs
 
-    # mlx-lm's loader builds our Model (the hook mlx-lm's tools use once rg_mlx registers its module), then
-    # `model.shard` as mlx-lm's `sharded_load` calls it.
+    # mlx-lm's loader building our Model (through its hook for the model classes), then `model.shard`.
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from rg_mlx import Model, ModelArgs
@@ -73,6 +85,12 @@ def run_check(job: dict, out: Path) -> None:
         model.shard(group)
         mx.eval(model.parameters())
         result[f"{name}/mlx_lm"] = np.array(model(tokens))
+    # And mlx-lm's `sharded_load` itself, which finds a model's classes as `mlx_lm.models.<model_type>`.
+    sys.modules["mlx_lm.models.recurrent_gemma"] = types.SimpleNamespace(Model=Model, ModelArgs=ModelArgs)
+    from mlx_lm.utils import sharded_load
+
+    model, _ = sharded_load(job["sharded_load"])
+    result["sharded_load"] = np.array(model(tokens))
     np.savez(out / f"rank{group.rank()}.npz", **result)
 
 

@@ -146,7 +146,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def ranks(folders, tmp_path_factory) -> list[dict[str, np.ndarray]]:
+def ranks(folders, tiny_model_dir, tmp_path_factory) -> list[dict[str, np.ndarray]]:
     """What each of two ranks computed for every folder (tests/distributed_worker.py `check`)."""
     out = tmp_path_factory.mktemp("ranks")
     tokens = np.random.default_rng(1).integers(0, 97, (2, T))
@@ -154,6 +154,7 @@ def ranks(folders, tmp_path_factory) -> list[dict[str, np.ndarray]]:
         "folders": {name: str(f) for name, f in folders.items()},
         "mlx_lm": {name: str(folders[name]) for name in ("rra", "rra-q4")},
         "sampled": "rra",
+        "sharded_load": str(tiny_model_dir),
         "tokens": tokens.tolist(), "prefill": PREFILL, "chunk": CHUNK, "generate": GENERATE,
     }
     (out / "job.json").write_text(json.dumps(job))
@@ -228,6 +229,20 @@ def test_each_rank_holds_half_the_weights_and_the_recurrent_state(name, folders,
         assert ring == full["state"][1] / (2 if name == "kv2" else 1), "the ring of the one key/value head is whole"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_each_rank_sends_per_token_what_the_readme_says(name, folders, ranks):
+    # Two all-reduces of one `width` vector per layer, one for the embedding lookup, and the gather of
+    # the logits (this rank's half of the vocabulary), for each of the batch's 2 rows, in float32.
+    from benchmarks.bench_sharded import paper
+
+    args = ModelArgs.from_dict(json.loads((folders[name] / "config.json").read_text()))
+    expected = 2 * paper(args, ranks=2, dtype_bytes=4)["total"]
+    for got in ranks:
+        counted, sent = got[f"{name}/decode_bytes"]
+        assert counted == expected
+        assert expected <= sent <= expected * 1.05  # what the sockets sent: the payload, and a few bytes more
+
+
 def test_loading_keeps_only_each_ranks_share(folders, ranks):
     # Each rank reads one whole tensor at a time and keeps its share: the peak is its share plus the
     # largest tensor, far below the whole model (13 MB here).
@@ -245,6 +260,12 @@ def test_mlx_lm_loader_and_shard_give_the_same_logits(name, folders, ranks):
     # mlx-lm's `load_model` (lazy) with our Model class, then `model.shard`, as mlx-lm's `sharded_load` does.
     for got in ranks:
         assert np.abs(got[f"{name}/mlx_lm"] - got[f"{name}/full"]).max() <= 1e-5
+
+
+def test_mlx_lm_sharded_load_builds_our_sharded_model(tiny_model_dir, ranks):
+    expected = single(tiny_model_dir, tuple(map(tuple, ranks[0]["tokens"])))["full"]
+    for got in ranks:
+        assert np.abs(got["sharded_load"] - expected).max() <= 1e-5
 
 
 @dataclass
@@ -280,7 +301,8 @@ def test_commands_that_run_in_one_process_refuse_several(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "world", lambda: Group(2, 1))
     assert main(["convert", "nothing", "nowhere"]) == 1
     err = capsys.readouterr().err
-    assert err == "rg-mlx convert: error (rank 1 of 2): rg-mlx convert runs in one process: start it without mlx.launch\n"
+    assert err == ("rg-mlx convert: error (rank 1 of 2): rg-mlx convert runs in one process: "
+                   "start it without mlx.launch\n")
 
 
 def cli_job(tmp_path: Path, commands: list[list[list[str]]], **extra) -> tuple[str, str, str, str]:
@@ -313,7 +335,8 @@ def test_generate_and_chat_under_mlx_launch_print_once_what_one_process_prints(t
 def test_a_bad_path_on_one_rank_ends_every_rank_naming_it(tiny_model_dir, tmp_path):
     command = ["generate", "--prompt", "Hello", "--max-tokens", "4", "--model"]
     missing = tmp_path / "missing"
-    stdout, stderr, seconds = launch(*cli_job(tmp_path, [[[*command, str(tiny_model_dir)]], [[*command, str(missing)]]]))
+    commands = [[[*command, str(tiny_model_dir)]], [[*command, str(missing)]]]  # rank 1's path does not exist
+    stdout, stderr, seconds = launch(*cli_job(tmp_path, commands))
     assert f"error (rank 1 of 2): {missing}: no such model folder" in stderr, stderr
     assert statuses(tmp_path)[1] == [1] and statuses(tmp_path)[0] in ([1], None), stderr  # None: stopped by mlx.launch
     assert stdout == ""
