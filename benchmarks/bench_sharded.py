@@ -93,28 +93,31 @@ def count_collectives(mx) -> dict[str, int]:
     return counted
 
 
-def _layer_products(model, mx) -> dict[str, float]:
-    """ms per call of this rank's gate projection through its own layer, `nn.Linear` and `SplitLinear`."""
+def _layer_products(model, mx, rounds: int = 9) -> dict[str, float]:
+    """ms per call (median of `rounds`, the layers taking turns) of this rank's gate projection through its
+    own layer, and through `nn.Linear` and rg_mlx's `SplitLinear` holding the same weight."""
     import mlx.nn as nn
 
     from rg_mlx.cpu.parallel import SplitLinear
 
     layer = model.layers[0].mlp_block.gate_proj
     out_dims, in_dims = layer.weight.shape
-    plain = nn.Linear(in_dims, out_dims)
-    plain.update({"weight": layer.weight, "bias": layer.bias})
-    split = SplitLinear(in_dims, out_dims)
-    split.update({"weight": layer.weight, "bias": layer.bias})
+    layers = {type(layer).__name__: layer, "Linear": nn.Linear(in_dims, out_dims),
+              "SplitLinear": SplitLinear(in_dims, out_dims)}
+    for same in list(layers.values())[1:]:
+        same.update({"weight": layer.weight, "bias": layer.bias})
     timings = {}
-    for rows in (1, 512):
+    for rows, repeats in ((1, 10), (512, 1)):
         x = mx.random.normal((1, rows, in_dims))
-        for name, module in ((type(layer).__name__, layer), ("Linear", plain), ("SplitLinear", split)):
-            mx.eval(module(x))
-            repeats = 20 if rows == 1 else 3
-            t = time.perf_counter()
-            for _ in range(repeats):
+        runs: dict[str, list[float]] = {name: [] for name in layers}
+        for _ in range(rounds):
+            for name, module in layers.items():
                 mx.eval(module(x))
-            timings[f"{name} x{rows}"] = (time.perf_counter() - t) / repeats * 1e3
+                t = time.perf_counter()
+                for _ in range(repeats):
+                    mx.eval(module(x))
+                runs[name].append((time.perf_counter() - t) / repeats * 1e3)
+        timings.update({f"{name} x{rows}": statistics.median(r) for name, r in runs.items()})
     return timings
 
 
@@ -238,7 +241,7 @@ def tables(runs: dict[str, list[list[dict]]], model_args, loads: list[float]) ->
         layers = [k.removesuffix(" x1") for k in sharded[0][0]["layer_products_ms"] if k.endswith(" x1")]
         lines += ["", f"Prompt: {prompt / 1e3:.1f} KB sent per prompt token by each rank (TCP). One all-reduce of "
                   f"one vector alone: {_median(sharded, 'all_sum_ms'):.3f} ms.", "",
-                  "Each rank's share of one MLP gate projection (ms per call, one core):", "",
+                  "Each rank's share of one MLP gate projection (ms per call, one core, medians of 9 turns):", "",
                   "| rows | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
         for rows in (1, 512):
             cells = [statistics.median(r[0]["layer_products_ms"][k] for r in sharded)

@@ -99,6 +99,8 @@ def agree(group: mx.distributed.Group, error: BaseException | None, timeout: flo
     thread = threading.Thread(target=exchange, name="rg_mlx-agree", daemon=True)
     thread.start()
     thread.join(timeout)
+    if error is not None and (thread.is_alive() or "error" in box):
+        raise error  # this rank's own failure says more than the silence of the others
     if thread.is_alive():
         raise RGError(
             f"no word from the other ranks {timeout:.0f} s after loading: one is stuck or failed without exiting, "

@@ -146,11 +146,9 @@ def load_model(
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
     model.load_weights(list(weights.items()))
-    if group is not None and group.size() > 1:
-        del weights  # what is still lazy is read tensor by tensor below, and only the shares stay
+    if group is not None:
+        del weights  # the model holds the only references to the lazy tensors: `shard` keeps only the shares
         model.shard(group)
-        for _, share in tree_flatten(model.parameters()):
-            mx.eval(share)
     mx.eval(model.parameters())
     model.eval()
     if cpu.wanted(accelerate):

@@ -388,8 +388,9 @@ class Model(nn.Module):
         gates and decay by channel, linear_out by input), so each rank's recurrent state is its
         channels; local attention by query heads (o_proj by input) while the single key/value
         head, and so the attention ring, is whole on every rank. The tied embedding is split by
-        vocabulary (`ShardedEmbedding`). Call it before the weights are evaluated and each rank
-        only ever holds its share (`rg_mlx.load(..., group=...)` does).
+        vocabulary (`ShardedEmbedding`). The shares are evaluated here, one layer at a time: called
+        on a lazily loaded model (as `rg_mlx.load(..., group=...)` and mlx-lm's `sharded_load` do),
+        a rank holds each whole tensor only while its share is cut out of it.
         """
         group = group or mx.distributed.init()
         n = group.size()
@@ -421,6 +422,8 @@ class Model(nn.Module):
             mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
             mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
         self.model.embed_tokens = ShardedEmbedding(self.model.embed_tokens, self.args.vocab_size, group)
+        for _, module in self.named_modules():
+            mx.eval([p for p in module.values() if isinstance(p, mx.array)])
 
     def make_cache(self, left_padding: list[int] | None = None) -> Caches:
         """A fresh fixed-size state (see `rg_mlx.state`); with `left_padding`, row i starts its

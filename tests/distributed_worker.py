@@ -81,10 +81,14 @@ def run_check(job: dict, out: Path) -> None:
     from rg_mlx import Model, ModelArgs
 
     for name, folder in job["mlx_lm"].items():
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
         model, _ = mlx_lm_load_model(Path(folder), lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
         model.shard(group)
         mx.eval(model.parameters())
+        result[f"{name}/mlx_lm_peak"] = np.array(mx.get_peak_memory() - before)
         result[f"{name}/mlx_lm"] = np.array(model(tokens))
+        del model
     # And mlx-lm's `sharded_load` itself, which finds a model's classes as `mlx_lm.models.<model_type>`.
     sys.modules["mlx_lm.models.recurrent_gemma"] = types.SimpleNamespace(Model=Model, ModelArgs=ModelArgs)
     from mlx_lm.utils import sharded_load
