@@ -137,8 +137,8 @@ def worker(folder: Path, out: Path, prompt_tokens: int, decode_tokens: int) -> N
     load_seconds = time.perf_counter() - t
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, prompt_tokens)
 
-    def snapshot() -> np.ndarray:  # counted bytes, collective calls, TCP bytes sent
-        return np.array([counted["bytes"], counted["calls"], tcp_bytes_sent()], dtype=np.float64)
+    def snapshot() -> np.ndarray:  # counted bytes, collective calls, TCP bytes sent, CPU seconds of this process
+        return np.array([counted["bytes"], counted["calls"], tcp_bytes_sent(), time.process_time()], dtype=np.float64)
 
     def run(prompt, n: int) -> tuple[list[float], list[np.ndarray]]:
         """Greedy generation of `n` tokens: seconds to each token, and the counts when each was ready."""
@@ -168,6 +168,8 @@ def worker(folder: Path, out: Path, prompt_tokens: int, decode_tokens: int) -> N
         "decode_tps": decode_tokens / (times[-1] - times[0]),
         "prompt_sent": {"counted": prompt[0], "calls": prompt[1], "tcp": prompt[2]},
         "decode_sent": {"counted": decode[0], "calls": decode[1], "tcp": decode[2]},
+        "prompt_cpu_ms": prompt[3] * 1e3,
+        "decode_cpu_ms": decode[3] * 1e3,
         "load_average": os.getloadavg()[0],
     }
     if group is not None:
@@ -220,17 +222,18 @@ def _median(runs: list[list[dict]], key: str, sub: str | None = None) -> float:
 def tables(runs: dict[str, list[list[dict]]], model_args, loads: list[float]) -> str:
     """Markdown: speed and bytes per setup (medians over rounds), the layer products, the on-paper bytes."""
     lines = [
-        "| setup | prompt tok/s | decode tok/s | weights per process | read per token, all processes | "
-        "sent per decoded token (TCP) | counted | on paper | collectives per token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setup | prompt tok/s | decode tok/s | CPU ms per decoded token, all processes | weights per process | "
+        "read per token, all processes | sent per decoded token (TCP) | counted | on paper | collectives per token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setup, rs in runs.items():
         ranks = rs[0][0]["ranks"]
         weights = rs[0][0]["weight_bytes"]
         decode = _median(rs, "decode_tps")
         on_paper = paper(model_args, ranks, 4)["total"] if ranks > 1 else 0
+        cpu = statistics.median(sum(rank["decode_cpu_ms"] for rank in run) for run in rs)
         lines.append(
-            f"| {setup} | {_median(rs, 'prompt_tps'):.1f} | {decode:.2f} | {weights / 1e9:.2f} GB | "
+            f"| {setup} | {_median(rs, 'prompt_tps'):.1f} | {decode:.2f} | {cpu:.0f} | {weights / 1e9:.2f} GB | "
             f"{ranks * weights * decode / 1e9:.1f} GB/s | {_median(rs, 'decode_sent', 'tcp') / 1e3:.1f} KB | "
             f"{_median(rs, 'decode_sent', 'counted') / 1e3:.1f} KB | {on_paper / 1e3:.1f} KB | "
             f"{_median(rs, 'decode_sent', 'calls'):.0f} |"
