@@ -59,7 +59,8 @@ def paper(args, ranks: int, dtype_bytes: int) -> dict[str, float]:
 
 
 def tcp_bytes_sent() -> int:
-    """Bytes this process's TCP sockets have sent (the kernel's count, `tcpi_bytes_sent`)."""
+    """Bytes this process's TCP sockets have sent, each once (the kernel's `tcpi_bytes_sent` less
+    `tcpi_bytes_retrans`)."""
     import socket
     import struct
 
@@ -74,7 +75,9 @@ def tcp_bytes_sent() -> int:
         with sock:
             if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
                 info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-                total += struct.unpack_from("Q", info, 200)[0] if len(info) >= 208 else 0
+                if len(info) >= 216:
+                    sent, retransmitted = struct.unpack_from("QQ", info, 200)
+                    total += sent - retransmitted
     return total
 
 

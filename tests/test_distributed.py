@@ -240,7 +240,7 @@ def test_each_rank_sends_per_token_what_the_readme_says(name, folders, ranks):
     for got in ranks:
         counted, sent = got[f"{name}/decode_bytes"]
         assert counted == expected
-        assert expected <= sent <= expected * 1.05  # what the sockets sent: the payload, and a few bytes more
+        assert expected <= sent <= expected * 1.1  # what the sockets sent: the payload and a few bytes of the ring
 
 
 @pytest.mark.parametrize("loader", ["rg_mlx", "mlx_lm"])
