@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("rg_mlx.commands.doctor", "check this machine and every RG-LRU scan path; a report for bug reports"),
     "mlx-lm": ("rg_mlx.commands.mlx_lm", "run an mlx-lm tool (server, lora, perplexity, generate, ...) on rg_mlx's model"),
 }
+# The commands that run over several processes under `mlx.launch` (one model split over them, `Model.shard`).
+DISTRIBUTED = {"generate", "chat", "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from . import distributed
+
+    group = distributed.world()  # the processes mlx.launch started with this one, if any
+    where = f" ({distributed.label(group)})" if group is not None else ""
     try:
-        return args._module.run(args) or 0
+        with distributed.roles(args.command, args.command in DISTRIBUTED):
+            return args._module.run(args) or 0
     except RGError as e:
-        print(f"rg-mlx {args.command}: error: {e}", file=sys.stderr)
+        print(f"rg-mlx {args.command}: error{where}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

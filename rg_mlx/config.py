@@ -68,6 +68,35 @@ class ModelArgs:
         p = self.block_types
         return [p[i % len(p)] for i in range(self.num_hidden_layers)]
 
+    def split_problem(self, ranks: int) -> str | None:
+        """Why the model cannot be split over `ranks` ranks by `Model.shard`, or None if it can.
+
+        Each rank takes whole heads (RG-LRU and query heads, and key/value heads unless there is
+        one), an equal part of the MLP, and in a quantized model whole quantization groups of the
+        layers it splits by input (MLP down, recurrent and attention outputs).
+        """
+        split_by_input = {"the MLP width": self.mlp_width, "lru_width": self.lru_width, "hidden_size": self.hidden_size}
+        group = (self.quantization or {}).get("group_size")
+        if self.num_attention_heads % ranks:
+            return f"num_attention_heads={self.num_attention_heads} is not divisible by {ranks}"
+        if self.num_key_value_heads > 1 and self.num_key_value_heads % ranks:
+            return f"num_key_value_heads={self.num_key_value_heads} is not divisible by {ranks}"
+        for name, width in split_by_input.items():
+            if width % ranks:
+                return f"{name} ({width}) is not divisible by {ranks}"
+            # Layers whose input width the group size divides are the quantized ones (convert's and mlx-lm's rule).
+            if group and width % group == 0 and (width // ranks) % group:
+                return f"{name} / {ranks} = {width // ranks} is not a whole number of quantization groups of {group}"
+        return None
+
+    def check_split(self, ranks: int) -> None:
+        """Raise `RGError` (one line, with the rank counts that work) unless `split_problem(ranks)` is None."""
+        problem = self.split_problem(ranks) if ranks > 1 else None
+        if problem:
+            fits = [str(n) for n in range(2, self.num_attention_heads + 1) if self.split_problem(n) is None]
+            hint = f"use {' or '.join(fits)} ranks" if fits else "it runs in one process only"
+            raise RGError(f"cannot split the model over {ranks} ranks: {problem} ({hint})")
+
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
         """Parse a `config.json` dict, accepting every spelling in use (HF 2B/9B hub, transformers 5, mlx-lm)."""

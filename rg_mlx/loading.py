@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import cpu, hub, quant
+from . import cpu, distributed, hub, quant
 from .config import ModelArgs
 from .errors import RGError, first_line
 from .model import Model
@@ -97,11 +97,6 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_config(folder: str | Path) -> ModelArgs:
-    """The model configuration in `folder`'s `config.json`."""
-    return ModelArgs.from_dict(read_config_json(folder))
-
-
 def read_weights(folder: str | Path) -> dict[str, mx.array]:
     """All tensors of the `*.safetensors` files in `folder` (shards listed by an index file or globbed).
 
@@ -163,12 +158,14 @@ def _names(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
+@distributed.agreed
 def load_model(
     path: str | Path,
     *,
     dtype: str | mx.Dtype | None = None,
     accelerate: bool | None = None,
     adapter_path: str | Path | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> Model:
     """Load a RecurrentGemma model from a local folder (config.json + safetensors).
 
@@ -191,11 +188,17 @@ def load_model(
         adapter_path: a LoRA adapter folder written by `rg-mlx mlx-lm lora` (`mlx_lm.lora` on our
             model), applied as mlx-lm applies it (`rg_mlx.integration.load_adapter`; warns when the
             adapter was trained on another model).
+        group: an `mx.distributed` group to split the model over (`Model.shard`, tensor
+            parallelism): every rank of the group calls this, and each keeps only its share of
+            the weights (reading one whole tensor at a time). If loading fails on any rank, it
+            raises on every rank (see `rg_mlx.distributed.agree`).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise RGError(f"{path}: no such model folder")
     if adapter_path is not None:
+        if group is not None and group.size() > 1:
+            raise RGError(f"{adapter_path}: a LoRA adapter on a model split over ranks is not supported (fuse it first: rg-mlx mlx-lm fuse)")
         from .integration import adapter_config
 
         adapter_config(adapter_path)  # a wrong path fails before the weights load
@@ -203,6 +206,8 @@ def load_model(
     config = read_config_json(folder)
     args = ModelArgs.from_dict(config)
     quantization = quant.read(config)
+    if group is not None:
+        args.check_split(group.size())
     model = Model(args)
     weights = model.sanitize(read_weights(folder))
 
@@ -211,6 +216,9 @@ def load_model(
     check_tensors(weights, dict(tree_flatten(model.parameters())), folder)
     model.load_weights(list(weights.items()))
     cast_parameters(model, dtype, keep_stored=keeps_stored_weights(dtype, accelerate))
+    if group is not None:
+        del weights  # the model holds the only references to the lazy tensors: `shard` keeps only the shares
+        model.shard(group)
     mx.eval(model.parameters())
     model.eval()
     if cpu.wanted(accelerate):
@@ -240,12 +248,14 @@ def resolve(path_or_repo: str | Path) -> Path:
     return hub.download(str(path_or_repo))
 
 
+@distributed.agreed
 def load(
     path_or_repo: str | Path,
     *,
     dtype: str | mx.Dtype | None = None,
     accelerate: bool | None = None,
     adapter_path: str | Path | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer: `(model, tokenizer)`.
 
@@ -256,9 +266,10 @@ def load(
         dtype: compute dtype, as in `load_model`.
         accelerate: the CPU accelerations, as in `load_model`.
         adapter_path: a LoRA adapter folder, as in `load_model`.
+        group: an `mx.distributed` group to split the model over, as in `load_model`.
     """
     folder = resolve(path_or_repo)
-    model = load_model(folder, dtype=dtype, accelerate=accelerate, adapter_path=adapter_path)
+    model = load_model(folder, dtype=dtype, accelerate=accelerate, adapter_path=adapter_path, group=group)
     tokenizer = Tokenizer(folder / "tokenizer.model")
     if tokenizer.vocab_size > model.args.vocab_size:
         raise RGError(

@@ -14,7 +14,8 @@ files work on this model unchanged.
 
 Platforms change the built model, never this file: layers are swapped (as `nn.quantize` does)
 and the few operations inside the blocks that have faster equivalents are entries of the
-model's `Ops` table (`rg_mlx.cpu.accelerate` does both on the CPU).
+model's `Ops` table (`rg_mlx.cpu.accelerate` does both on the CPU). `Model.shard` swaps layers
+the same way to split the model over the processes of an `mx.distributed` group.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .config import ModelArgs
 from .kernels import rg_lru
@@ -307,6 +309,45 @@ class Griffin(nn.Module):
         return self.final_norm(x)
 
 
+class ShardedEmbedding(nn.Module):
+    """The tied embedding split by vocabulary over the ranks of `group` (built by `Model.shard`).
+
+    Each rank holds `ceil(V / ranks)` consecutive rows of the embedding (`embedding`: an
+    `nn.Embedding` or `nn.QuantizedEmbedding`; the last rank's tail is zero rows). A lookup takes
+    the rows this rank holds and sums over the ranks (`width` values a token); the output layer
+    computes this rank's logits and gathers everyone's (`V` values a token).
+    """
+
+    def __init__(self, embedding: nn.Module, vocab_size: int, group: mx.distributed.Group):
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // group.size())
+        self.offset = group.rank() * self.rows
+
+        def own_rows(p: mx.array) -> mx.array:  # weight, scales, biases: one row per token
+            part = p[self.offset : self.offset + self.rows]
+            missing = self.rows - part.shape[0]
+            if missing:
+                part = mx.concatenate([part, mx.zeros((missing, *p.shape[1:]), p.dtype)])
+            return mx.contiguous(part)
+
+        embedding.update({name: own_rows(p) for name, p in embedding.parameters().items()})
+        self.embedding = embedding
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        local = tokens - self.offset
+        held = (local >= 0) & (local < self.rows)
+        x = self.embedding(mx.where(held, local, 0))  # [B, T, W]
+        return mx.distributed.all_sum(mx.where(held[..., None], x, 0), group=self.group)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        logits = self.embedding.as_linear(x)  # [..., rows]: this rank's part of the vocabulary
+        *lead, rows = logits.shape
+        parts = mx.distributed.all_gather(logits.reshape(1, -1, rows), group=self.group)  # [ranks, N, rows]
+        return parts.swapaxes(0, 1).reshape(*lead, -1)[..., : self.vocab_size]
+
+
 class Model(nn.Module):
     """RecurrentGemma with mlx-lm's model protocol: `model(tokens[B, T], cache) -> logits[B, T, V]`."""
 
@@ -329,6 +370,52 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[ResidualBlock]:
         return self.model.layers
+
+    def shard(self, group: mx.distributed.Group | None = None) -> None:
+        """Split the model over the ranks of `group` (tensor parallelism, mlx-lm's convention), in place.
+
+        Every block computes a part of its output on each rank and one all-reduce sums the parts:
+        the MLP by hidden units (gate and up split by output, down by input); the recurrent block
+        by RG-LRU heads (linear_x, linear_y by output channel, the conv and the RG-LRU's per-head
+        gates and decay by channel, linear_out by input), so each rank's recurrent state is its
+        channels; local attention by query heads (o_proj by input) while the single key/value
+        head, and so the attention ring, is whole on every rank. The tied embedding is split by
+        vocabulary (`ShardedEmbedding`). The shares are evaluated here, one layer at a time: called
+        on a lazily loaded model (as `rg_mlx.load(..., group=...)` and mlx-lm's `sharded_load` do),
+        a rank holds each whole tensor only while its share is cut out of it.
+        """
+        group = group or mx.distributed.init()
+        n = group.size()
+        if n == 1:
+            return
+        self.args.check_split(n)
+
+        def by_channel(path: str, weight: mx.array) -> int:
+            return 0  # [H, bw, bw] gates, [H, bw] biases, [L] decay, [L, K, 1] conv: axis 0 is the head or channel
+
+        for layer in self.layers:
+            block, mlp = layer.temporal_block, layer.mlp_block
+            if layer.temporal_block_type == "recurrent":
+                block.linear_x = shard_linear(block.linear_x, "all-to-sharded", group=group)
+                block.linear_y = shard_linear(block.linear_y, "all-to-sharded", group=group)
+                block.linear_out = shard_linear(block.linear_out, "sharded-to-all", group=group)
+                shard_inplace(block.conv_1d, by_channel, group=group)
+                shard_inplace(block.rg_lru, by_channel, group=group)
+                block.rg_lru.num_heads //= n
+            else:
+                block.q_proj = shard_linear(block.q_proj, "all-to-sharded", group=group)
+                if block.num_kv_heads > 1:  # one key/value head is computed whole on every rank
+                    block.k_proj = shard_linear(block.k_proj, "all-to-sharded", group=group)
+                    block.v_proj = shard_linear(block.v_proj, "all-to-sharded", group=group)
+                    block.num_kv_heads //= n
+                block.o_proj = shard_linear(block.o_proj, "sharded-to-all", group=group)
+                block.num_heads //= n
+            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        self.model.embed_tokens = ShardedEmbedding(self.model.embed_tokens, self.args.vocab_size, group)
+        for _, module in self.named_modules():
+            mx.eval([p for p in module.values() if isinstance(p, mx.array)])
 
     def make_cache(self, left_padding: list[int] | None = None) -> Caches:
         """A fresh fixed-size state (see `rg_mlx.state`); with `left_padding`, row i starts its

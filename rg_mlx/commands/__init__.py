@@ -38,12 +38,13 @@ def load_model(args: argparse.Namespace, sampling: SamplingConfig | None = None)
     """`rg_mlx.load(--model, --dtype)`, then the checks of `sampling` that need the model (`--top-k`
     below the vocabulary size). The bundled demo (the default) says so, and how to get a real model."""
     from .. import load
+    from ..distributed import world
 
     if args.model == "demo":
         from ..demo import NOTICE
 
         print(f"rg-mlx {args.command}: {NOTICE}", file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, group=world())
     if sampling is not None:
         try:
             sampling.check_vocab(model.args.vocab_size)

@@ -41,9 +41,11 @@ _local = threading.local()
 
 
 def _streams() -> tuple[mx.Stream, ...]:
-    """One CPU stream per core, made per thread (MLX streams belong to the thread that made them)."""
+    """One CPU stream per core this process may run on, made per thread (MLX streams belong to the thread
+    that made them)."""
     if not hasattr(_local, "streams"):
-        _local.streams = tuple(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, MAX_STREAMS)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _local.streams = tuple(mx.new_stream(mx.cpu) for _ in range(min(cores, MAX_STREAMS)))
     return _local.streams
 
 
