@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from . import partial
 from .sources import Checkpoint, open_checkpoint
 from .write import MAX_SHARD_BYTES, TensorSpec, WeightsWriter, write_generation_config, write_json, write_model_card
 
-__all__ = ["ConvertResult", "convert"]
+__all__ = ["ConvertResult", "convert", "is_chat_checkpoint"]
 
 # progress(tensors_done, tensors_total, bytes_done, bytes_total)
 Progress = Callable[[int, int, int, int], None]
@@ -64,6 +65,7 @@ def convert(
     q_mode: str = "affine",
     tokenizer: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    chat: bool | None = None,
     upload_repo: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -85,6 +87,9 @@ def convert(
         tokenizer: the `tokenizer.model` to copy; default: the one beside the checkpoint.
         overrides: config values to set, e.g. ``{"attention_window_size": 2048}`` (a DeepMind
             `.pt` holds no window or soft cap; the released sizes get their presets').
+        chat: whether the model is instruction-tuned and gets Gemma's chat template; default
+            (`is_chat_checkpoint`): when the source has a chat template of its own, or its name
+            ends in ``-it``.
         upload_repo: upload the result to this hub repo (``"org/name"``) when done.
         force: replace an existing `output`.
         max_shard_bytes: the largest safetensors shard.
@@ -117,6 +122,7 @@ def convert(
         )
     if target is None:
         target = checkpoint.tensors["model.embed_tokens.weight"].dtype
+    is_chat = is_chat_checkpoint(source, checkpoint) if chat is None else chat
 
     expected = {name: tuple(a.shape) for name, a in params.items()}
     quantized = quantized_layers(model, spec) if spec else set()
@@ -134,8 +140,12 @@ def convert(
         config = args.to_dict()
         if spec:
             config.update(Quantization(spec).to_config())
-        write_json(tmp / "config.json", config)
+        # mlx-lm takes its stop ids from config.json (not generation_config.json): both stops.
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id}
+        write_json(tmp / "config.json", {**config, **{k: v for k, v in ids.items() if v is not None}})
         shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        for name, content in tok.hf_files(chat=is_chat).items():
+            write_json(tmp / name, content)
         write_generation_config(tmp, tok.bos_id, list(tok.eos_ids), tok.pad_id)
         write_model_card(
             tmp,
@@ -165,6 +175,23 @@ def convert(
     if upload_repo is not None:
         hub.upload(output, upload_repo)
     return result
+
+
+# An instruction-tuned checkpoint's name: google/recurrentgemma-2b-it, 9b-it.pt, recurrentgemma_2b_it, ...
+_IT_NAME = re.compile(r"(^|[-_])it$", re.IGNORECASE)
+
+
+def is_chat_checkpoint(source: str | Path, checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint is instruction-tuned (and its folder gets Gemma's chat template): the source
+    has a chat template of its own (Hugging Face's `-it` repos do), or the name of the repo, folder
+    or `.pt` file (or of the folder holding it) ends in ``-it``."""
+    if checkpoint.chat_template is not None:
+        return True
+    path = Path(str(source)).expanduser()
+    names = [checkpoint.base_model or "", path.stem if path.suffix in (".pt", ".pth") else path.name]
+    if path.suffix in (".pt", ".pth"):
+        names.append(path.parent.name)
+    return any(_IT_NAME.search(name.rsplit("/", 1)[-1]) for name in names if name)
 
 
 def _check_output(source: str | Path, output: Path, force: bool) -> None:

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer.model to copy (default: beside SOURCE)")
     parser.add_argument("--window", type=int, help="attention window (a .pt holds none; default: the preset's, 2048)")
     parser.add_argument("--soft-cap", type=float, help="logits soft cap (a .pt holds none; default: the preset's, 30)")
+    parser.add_argument(
+        "--chat-template", choices=["auto", "on", "off"], default="auto",
+        help="give the folder Gemma's chat template (instruction-tuned models): auto = when the source has a chat "
+        "template of its own or its name ends in -it (default auto)",
+    )
     parser.add_argument("--upload-repo", metavar="ORG/NAME", help="upload the result to this Hugging Face repo")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             q_mode=args.q_mode or "affine",
             tokenizer=args.tokenizer,
             overrides=overrides,
+            chat={"auto": None, "on": True, "off": False}[args.chat_template],
             upload_repo=args.upload_repo,
             force=args.force,
             progress=progress,

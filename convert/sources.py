@@ -21,6 +21,7 @@ from rg_mlx.config import ModelArgs, preset
 from rg_mlx.errors import RGError, first_line
 from rg_mlx.loading import read_config_json, read_weights
 from rg_mlx.model import Model
+from rg_mlx.tokenizer import CONFIG_FILE, read_chat_template
 
 # Files that mark a DeepMind Flax/Orbax checkpoint folder.
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint", "commit_success.txt")
@@ -42,6 +43,7 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     tokenizer: Path | None
     base_model: str | None = None
+    chat_template: str | None = None  # the source's own, where it has one (an instruction-tuned model)
 
 
 def open_checkpoint(source: str | Path) -> Checkpoint:
@@ -85,7 +87,8 @@ def open_hf_folder(folder: Path) -> Checkpoint:
     weights = Model(args).sanitize(read_weights(folder))  # lazy: nothing is read yet
     tensors = {name: Tensor(tuple(a.shape), a.dtype, lambda a=a: a) for name, a in weights.items()}
     tokenizer = folder / "tokenizer.model"
-    return Checkpoint(args, tensors, tokenizer if tokenizer.is_file() else None)
+    return Checkpoint(args, tensors, tokenizer if tokenizer.is_file() else None,
+                      chat_template=read_chat_template(folder / CONFIG_FILE))
 
 
 # DeepMind names -> ours. Top level, then within `blocks.{i}` -> `model.layers.{i}`; ffw_up and

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import json
 from pathlib import Path
 
 import sentencepiece as spm
@@ -19,6 +20,30 @@ import sentencepiece as spm
 from .errors import RGError, first_line
 
 ROLES = {"user": "user", "assistant": "model", "model": "model"}
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+
+# Gemma's chat template, as Hugging Face tokenizers and mlx-lm apply it, formatting a conversation
+# exactly as `Tokenizer.chat_tokens` does: `<bos>` first (the template adds it, so the prompt is not
+# tokenized with another one), roles alternating from a user turn, "assistant" written as "model",
+# contents trimmed, and a leading system message folded into the first user turn (Gemma has no system
+# role; Gemma's own template raises on one).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] in ('assistant', 'model') else message['role'] -%}"
+    "{%- set content = message['content'] | trim -%}"
+    "{%- if loop.first and system -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + content + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 
 
 def _replace_per_byte(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -56,6 +81,38 @@ class Tokenizer:
         # The ids that end a reply, `<eos>` first (generation_config.json's `eos_token_id` lists them so).
         self.eos_ids: tuple[int, ...] = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
         self.stop_ids: frozenset[int] = frozenset(self.eos_ids)
+        self.chat_template: str | None = read_chat_template(path.parent / CONFIG_FILE)
+
+    @property
+    def is_chat_model(self) -> bool:
+        """Whether the model is instruction-tuned: its folder's `tokenizer_config.json` has a chat template."""
+        return self.chat_template is not None
+
+    def hf_files(self, *, chat: bool) -> dict[str, dict]:
+        """The Hugging Face tokenizer files of a model folder holding this `tokenizer.model`, so that
+        `transformers.AutoTokenizer` and mlx-lm tokenize as `rg_mlx` does: `tokenizer_config.json`
+        (`<bos>` added, the special tokens, and for a chat model `CHAT_TEMPLATE`) and
+        `special_tokens_map.json`."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id,
+                 "unk_token": self.sp.unk_id()}
+        special = {key: self.sp.id_to_piece(i) for key, i in names.items() if i is not None and i >= 0}
+        turns = [self.sp.id_to_piece(i) for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None]
+        if turns:
+            special["additional_special_tokens"] = turns
+        config = {
+            "tokenizer_class": "GemmaTokenizer",
+            **special,
+            "add_bos_token": self.bos_id is not None,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False,
+            "sp_model_kwargs": {},
+            "padding_side": "left",
+            "model_max_length": 1_000_000,
+        }
+        if chat:
+            config["chat_template"] = CHAT_TEMPLATE
+        return {CONFIG_FILE: config, SPECIAL_TOKENS_FILE: special}
 
     def _special(self, piece: str, fallback: int = -1) -> int | None:
         i = self.sp.piece_to_id(piece)
@@ -135,6 +192,15 @@ class Tokenizer:
             if piece.startswith("\u2581") and not self.sp.is_control(i):
                 return not self.sp.decode([i]).startswith(" ")
         return False
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The chat template of the `tokenizer_config.json` at `path` (None where there is no file or template)."""
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None
 
 
 class StreamingDetokenizer:

@@ -94,11 +94,14 @@ def test_folder_contents(deepmind, tmp_path, tiny_tokenizer_path):
         "generation_config.json",
         "model.safetensors",
         "model.safetensors.index.json",
+        "special_tokens_map.json",
         "tokenizer.model",
+        "tokenizer_config.json",
     ]
     sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_path))
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [sp.eos_id(), sp.piece_to_id("<end_of_turn>")]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == gen["eos_token_id"]
     assert (out / "tokenizer.model").read_bytes() == tiny_tokenizer_path.read_bytes()
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: mlx" in card and "rg_mlx.load" in card

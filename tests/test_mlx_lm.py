@@ -173,7 +173,7 @@ def test_batch_generate_on_the_demo_model_matches_single_runs(demo, monkeypatch)
 
     model, tokenizer = demo
     prompts = [tokenizer.encode(p) for p in DEMO_PROMPTS]
-    assert sorted(len(p) for p in prompts) == [1, 1, 7, 20]
+    assert sorted(len(p) for p in prompts) == [2, 2, 8, 21]  # <bos> first (tokenizer_config.json)
 
     def run(batch):
         return batch_generate(model, tokenizer, batch, max_tokens=24, return_token_ids=True).token_ids

@@ -7,7 +7,8 @@
    ending with `<end_of_turn>`. Gradients go through the portable RG-LRU scan
    (`rg_mlx.kernels.ops`), which is written in differentiable MLX ops.
 3. Write the result as `rg-mlx convert` writes a model (float16): config.json,
-   model.safetensors, tokenizer.model, generation_config.json, and a model card.
+   model.safetensors, tokenizer.model and its Hugging Face files (with the chat template),
+   generation_config.json, and a model card.
 
 Everything is seeded; a rerun gives a model of the same quality (not bitwise the same:
 CPU float sums are not ordered deterministically across threads).
@@ -247,7 +248,7 @@ def train(out: Path, *, seed: int = 0, epochs: int = EPOCHS, limit: int | None =
         hf.mkdir()
         mx.save_safetensors(str(hf / "model.safetensors"), dict(tree_flatten(model.parameters())))
         (hf / "config.json").write_text(json.dumps(args.to_dict()))
-        convert(hf, out, dtype="float16", tokenizer=tmp / "tokenizer.model", force=True)
+        convert(hf, out, dtype="float16", tokenizer=tmp / "tokenizer.model", chat=True, force=True)
 
     minutes = (time.perf_counter() - start) / 60
     write_model_card(out, params=params, conversations=len(conversations), tokens=tokens, epochs=epochs, seed=seed, minutes=minutes)
