@@ -56,7 +56,7 @@ DEFAULT_MODEL = "default_model"
 
 
 class ServerOptionError(ValueError):
-    """An mlx-lm server option that its parser could not read (the message names it)."""
+    """A value of an mlx-lm server option that mlx-lm's parser could not read (the message says why)."""
 
 
 def server_arguments(argv: Sequence[str], prog: str = "rg-mlx serve") -> argparse.Namespace:
@@ -75,7 +75,7 @@ def server_arguments(argv: Sequence[str], prog: str = "rg-mlx serve") -> argpars
     try:
         mlx_server.main()
     except (ArithmeticError, LookupError) as e:  # e.g. --prompt-cache-bytes 2X (mlx-lm's size parser)
-        raise ServerOptionError(f"{' '.join(argv)}: {first_line(e)}") from None
+        raise ServerOptionError(first_line(e)) from None
     finally:
         mlx_server.run, sys.argv = saved
     return parsed[0]
@@ -369,6 +369,12 @@ class Handler(mlx_server.APIHandler):
         if self.requested_draft_model != DEFAULT_MODEL:
             message = "'draft_model' is not accepted: speculative decoding rewinds the state, ours cannot"
             raise self.refuse(ClientError(400, message, "unsupported_parameter"))
+        tokenizer = self.response_generator.model_provider.tokenizer
+        if self.path.endswith("/chat/completions") and not tokenizer.has_chat_template:
+            # mlx-lm would fall back to a "USER: ... ASSISTANT:" prompt, which no Gemma model was trained on.
+            message = (f"{options.name!r} has no chat template (not an instruction-tuned model): use /v1/completions, "
+                       "or give one with --chat-template")
+            raise self.refuse(ClientError(400, message, "unsupported_endpoint"))
         self.requested_model = DEFAULT_MODEL  # what mlx-lm's provider knows the served model as
 
     def check_connected(self) -> None:

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cli_args = server.server_arguments(mlx_lm_args)
     except server.ServerOptionError as e:
-        flag_error(args, str(e))
+        flag_error(args, f"{' '.join(args.mlx_lm_args)}: a value mlx-lm's parser cannot read ({e})")
     _check(args, cli_args)
 
     folder = resolve(args.model)
