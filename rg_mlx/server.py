@@ -289,13 +289,14 @@ class _ErrorBodies:
         return getattr(self._stream, name)
 
     def write(self, data: bytes) -> int:
-        if self._handler.status >= 400 and data.startswith(b"{"):
+        if self._handler.sent_status >= 400 and data.startswith(b"{"):
             try:
                 body = json.loads(data)
             except ValueError:
                 body = None
             if isinstance(body, dict) and isinstance(body.get("error"), str):
-                data = json.dumps(_error(body["error"], self._handler.error_code, self._handler.status)).encode()
+                handler = self._handler
+                data = json.dumps(_error(body["error"], handler.error_code, handler.sent_status)).encode()
         return self._stream.write(data)
 
 
@@ -307,7 +308,7 @@ class Handler(mlx_server.APIHandler):
     server: _Server
 
     def __init__(self, response_generator: ResponseGenerator, *args: Any, **kwargs: Any):
-        self.status = 0  # of the response being sent
+        self.sent_status = 0  # of the response being sent
         self.error_code: str | None = None
         self._refused: ClientError | None = None  # a refusal of ours that mlx-lm answers
         super().__init__(_Watched(response_generator, self), *args, **kwargs)
@@ -396,7 +397,7 @@ class Handler(mlx_server.APIHandler):
     def send_response(self, code: int, message: str | None = None) -> None:
         if self._refused is not None and code >= 400:
             code, self.error_code, self._refused = self._refused.status, self._refused.code, None
-        self.status = code
+        self.sent_status = code
         super().send_response(code, message)
 
     # -- responses: the served model's name, log-probabilities in OpenAI's shape --------------------

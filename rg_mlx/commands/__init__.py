@@ -31,7 +31,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
     """`--adapter-path`: a LoRA adapter for `rg_mlx.load(adapter_path=...)`."""
-    parser.add_argument("--adapter-path", help="a LoRA adapter folder trained with `rg-mlx mlx-lm lora`")
+    parser.add_argument("--adapter-path", metavar="FOLDER", help="a LoRA adapter trained with `rg-mlx mlx-lm lora`")
 
 
 def flag_error(args: argparse.Namespace, message: str) -> NoReturn:

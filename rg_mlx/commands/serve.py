@@ -43,6 +43,7 @@ UNSUPPORTED = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.allow_abbrev = False  # an mlx-lm option must never pass for an abbreviation of ours
+    parser.usage = "rg-mlx serve [--model M] [--host H] [--port P] [our options] [mlx-lm's server options]"
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -52,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     add_adapter_argument(parser)
     parser.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV) or None,
+        "--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
         help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}, else none)",
     )
-    parser.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: no limit)")
-    parser.add_argument("--served-model-name", help="the model's name in the API (default: --model as given)")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, metavar="N", help="refuse longer prompts with a 400 (default: no limit)"
+    )
+    parser.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: --model)")
     _pass_other_options(parser, "mlx_lm_args")
 
 
