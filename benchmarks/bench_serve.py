@@ -37,7 +37,6 @@ Needs the `dev` extra (DeepMind's reference, torch) for the logit errors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -465,7 +464,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def report(r: dict) -> str:
-    ours, stock, same, tf = "rg-mlx serve", "mlx_lm.server (as installed)", "mlx_lm.server (same BLAS)", "mlx_lm.server, transformer (gemma)"
+    ours, stock, same = "rg-mlx serve", "mlx_lm.server (as installed)", "mlx_lm.server (same BLAS)"
     lines = [f"Machine: {r['machine']}; load average {r['load_start']:.2f} at the start, {r['load_end']:.2f} at the "
              f"end; {r['minutes']:.1f} minutes; BLAS: {r['blas']}.", ""]
     p = r["prompt"]
