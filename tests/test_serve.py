@@ -448,3 +448,22 @@ def test_what_serve_hands_mlx_lm_and_the_warning_off_loopback(monkeypatch, capsy
     warnings = [line for line in err if "warning" in line]
     assert warnings == ["rg-mlx serve: warning: listening on 0.0.0.0: anyone who can reach this machine can use "
                         "the model, requests need the API key"]
+
+
+def test_under_mlx_launch_every_rank_says_why_it_does_not_serve(tmp_path):
+    # The hook for tensor parallelism: mlx-lm shards through `Model.shard(group)`, which rg_mlx lacks for now.
+    launch = shutil.which("mlx.launch")
+    if launch is None:
+        pytest.skip("mlx.launch is not on PATH")
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "from rg_mlx.cli import main\nimport mlx.core as mx\n"
+        "rank = mx.distributed.init().rank()\ncode = main(['serve', '--port', '0'])\n"
+        "print(f'rank {rank} exits {code}', flush=True)\n"
+    )
+    out = subprocess.run([launch, "--backend", "ring", "-n", "2", "--python", sys.executable, str(script)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # mlx.launch itself exits 0 when a rank fails: each rank's own line and status are what count.
+    lines = (out.stdout + out.stderr).splitlines()
+    assert sum("rg-mlx serve: error: serving under mlx.launch needs tensor parallelism" in line for line in lines) == 2
+    assert {"rank 0 exits 1", "rank 1 exits 1"} <= set(lines)
