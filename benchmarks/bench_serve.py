@@ -1,6 +1,6 @@
 """`rg-mlx serve` against stock `mlx_lm.server`, as a client sees them (real HTTP, streaming), in one run.
 
-    python benchmarks/bench_serve.py [--work-dir DIR] [--rounds 3] [--json FILE] [--wait-load 1.5]
+    python benchmarks/bench_serve.py [--work-dir DIR] [--rounds 3] [--json FILE] [--wait-load 1.5 [--wait-minutes 30]]
 
 Servers, each its own process on 127.0.0.1, all up together so that every measurement takes turns
 (interleaved rounds, medians):
@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="conversation lengths (tokens)")
     p.add_argument("--skip", default="", help="comma-separated: installed, transformer, exactness")
     p.add_argument("--wait-load", type=float, default=0.0,
-                   help="wait (up to 30 minutes) for the 1-minute load average to fall below this first")
+                   help="first wait for the 1-minute load average to fall below this (the machine is shared)")
+    p.add_argument("--wait-minutes", type=float, default=30.0, help="how long --wait-load waits at most")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -556,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     griffin, gemma = write_checkpoints(work)
     if args.wait_load:
-        wait_for_quiet(args.wait_load, 1800)
+        wait_for_quiet(args.wait_load, 60 * args.wait_minutes)
     t0, load_start = time.monotonic(), load_average()
     r: dict[str, Any] = {"machine": machine(), "load_start": load_start, "blas": _blas.active()}
     r["logit_error"] = {} if "exactness" in skip else logit_errors(work)
