@@ -40,10 +40,10 @@ QUESTION = "How do I convert a checkpoint?"
 
 
 class Server:
-    """A running `rg-mlx serve` subprocess."""
+    """A running `rg-mlx serve` subprocess, at `url`."""
 
-    def __init__(self, url: str, proc: subprocess.Popen, log):
-        self.url, self.proc, self.log = url, proc, log
+    def __init__(self, url: str):
+        self.url = url
         parts = urlsplit(url)
         self.host, self.port = parts.hostname, parts.port
 
@@ -67,10 +67,6 @@ class Server:
         assert status == 200
         return body
 
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
 
 @contextlib.contextmanager
 def running(*flags: str):
@@ -88,7 +84,7 @@ def running(*flags: str):
             proc.kill()
             log.seek(0)
             pytest.fail(f"rg-mlx serve did not start: {line!r}\n{log.read()[-3000:]}")
-        yield Server(match.group(1), proc, log)
+        yield Server(match.group(1))
     finally:
         proc.terminate()
         try:
