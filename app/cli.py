@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rg_mlx.commands import add_adapter_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or hub repo id (default: the bundled demo, if installed)")
@@ -11,13 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    add_adapter_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .models import DEMO
     from .server import ChatApp
 
-    app = ChatApp(args.model, models_dir=args.models_dir, dtype=args.dtype)
+    app = ChatApp(args.model, models_dir=args.models_dir, dtype=args.dtype, adapter_path=args.adapter_path)
     try:
         demo = app.launch(args.host, args.port, quiet=True)
         if app.model is None:

@@ -69,6 +69,8 @@ class ChatApp:
             model (the bundled demo if this install has one), showing how to get one.
         models_dir: a folder whose converted model subfolders the model picker lists.
         dtype: compute dtype passed to `rg_mlx.load`.
+        adapter_path: a LoRA adapter folder for `model` (`rg_mlx.load(adapter_path=...)`); a model
+            picked later in the app loads without it.
         update_every: least seconds between two UI updates while a reply streams (tokens that
             arrive faster are shown together, so a fast model does not swamp the browser).
     """
@@ -79,6 +81,7 @@ class ChatApp:
         *,
         models_dir: str | None = None,
         dtype: str | None = None,
+        adapter_path: str | None = None,
         update_every: float = 0.05,
     ):
         self.update_every = update_every
@@ -89,7 +92,7 @@ class ChatApp:
         if model is None and demo_available():
             model = DEMO
         if model is not None:
-            self.load(model)
+            self.load(model, adapter_path=adapter_path)
 
     # ---- the serving layer, as the app's callers know it ---------------------------------
     @property
@@ -118,9 +121,10 @@ class ChatApp:
     def model_name(self) -> str:
         return model_label(self.model_path) if self.model_path else "no model"
 
-    def load(self, path: str) -> None:
-        """Load `path` on the worker and make it the model of every chat (existing chats are reset)."""
-        self.service.load(path)
+    def load(self, path: str, *, adapter_path: str | None = None) -> None:
+        """Load `path` (with the LoRA adapter at `adapter_path`, if given) on the worker and make it the
+        model of every chat (existing chats are reset)."""
+        self.service.load(path, adapter_path=adapter_path)
 
     # ---- translation ---------------------------------------------------------------------
     def _session(self, request: gr.Request) -> Session:

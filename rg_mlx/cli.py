@@ -1,4 +1,4 @@
-"""The one console script: `rg-mlx convert|generate|chat|app|bench ...`.
+"""The one console script: `rg-mlx convert|generate|chat|app|serve|bench ...`.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int`; they are imported only when used, so `rg-mlx --help` is fast.
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rg_mlx.commands.bench", "measure speed and memory against mlx-lm and Hugging Face"),
     "app": ("rg_mlx.app.cli", "start the local chat web app (streaming, fixed memory you can watch)"),
     "doctor": ("rg_mlx.commands.doctor", "check this machine and every RG-LRU scan path; a report for bug reports"),
+    "serve": ("rg_mlx.commands.serve", "serve the model over OpenAI's API (mlx-lm's server, batched)"),
     "mlx-lm": ("rg_mlx.commands.mlx_lm", "run an mlx-lm tool (server, lora, perplexity, generate, ...) on rg_mlx's model"),
 }
 # The commands that run over several processes under `mlx.launch` (one model split over them, `Model.shard`).

@@ -36,7 +36,8 @@ from .config import MODEL_TYPE, ModelArgs
 from .errors import RGError
 
 __all__ = [
-    "Model", "ModelArgs", "adapter_config", "load_adapter", "recording_trained_model", "register_with_mlx_lm", "registered",
+    "Model", "ModelArgs", "adapter_config", "check_adapter", "load_adapter", "recording_trained_model",
+    "register_with_mlx_lm", "registered",
 ]
 
 MODULE_NAME = f"mlx_lm.models.{MODEL_TYPE}"
@@ -129,22 +130,30 @@ def adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, adapter_path: str | Path) -> nn.Module:
-    """Apply a LoRA (or DoRA, or full) adapter from `mlx_lm.lora` to `model` in place, as mlx-lm's
-    `load_adapters` does; returns the model.
-
-    Warns (`warnings.warn`) when the adapter was not trained on rg_mlx's model.
-    """
-    from mlx_lm.tuner.utils import load_adapters
-
-    trained = adapter_config(adapter_path).get(TRAINED_MODEL_KEY)
+def check_adapter(adapter_path: str | Path) -> dict[str, Any]:
+    """The `adapter_config.json` of an adapter folder (`adapter_config`), warning (`warnings.warn`) when
+    the adapter was not trained on rg_mlx's model."""
+    config = adapter_config(adapter_path)
+    trained = config.get(TRAINED_MODEL_KEY)
     if not (isinstance(trained, str) and trained.startswith("rg_mlx.")):
         on = trained or "an unrecorded model (a plain `mlx_lm.lora` trains mlx-lm's own RecurrentGemma)"
         warnings.warn(
             f"{adapter_path}: this adapter was trained on {on}, not on rg_mlx's model: its parameter names "
             "match, but it learned that model's numerics; retrain it with `rg-mlx mlx-lm lora`",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_path: str | Path) -> nn.Module:
+    """Apply a LoRA (or DoRA, or full) adapter from `mlx_lm.lora` to `model` in place, as mlx-lm's
+    `load_adapters` does; returns the model.
+
+    Warns (`warnings.warn`) when the adapter was not trained on rg_mlx's model (`check_adapter`).
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    check_adapter(adapter_path)
     try:
         load_adapters(model, str(Path(adapter_path).expanduser()))
     except (ValueError, KeyError, AttributeError) as e:

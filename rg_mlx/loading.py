@@ -97,6 +97,11 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_config(folder: str | Path) -> ModelArgs:
+    """The model configuration in `folder`'s `config.json`."""
+    return ModelArgs.from_dict(read_config_json(folder))
+
+
 def read_weights(folder: str | Path) -> dict[str, mx.array]:
     """All tensors of the `*.safetensors` files in `folder` (shards listed by an index file or globbed).
 

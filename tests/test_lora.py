@@ -14,7 +14,7 @@ import pytest
 from conftest import TOKENIZER_TEXT
 from test_mlx_lm import greedy_alone, registration_restored
 
-from rg_mlx import RGError, integration, load
+from rg_mlx import ChatSession, RGError, integration, load
 from rg_mlx.cli import main
 
 LORA_FLAGS = ["--train", "--batch-size", "2", "--num-layers", "2", "--learning-rate", "2e-3", "--val-batches", "1",
@@ -106,3 +106,55 @@ def test_an_adapter_trained_on_mlx_lms_own_model_warns(tiny_model_dir, data, tmp
 def test_a_wrong_adapter_path_fails_first(tiny_model_dir, tmp_path):
     with pytest.raises(RGError, match="not an adapter folder"):
         load(tiny_model_dir, adapter_path=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer_files(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its Hugging Face tokenizer files: mlx-lm tokenizes text as rg_mlx does."""
+    import shutil
+
+    from rg_mlx import Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_hf") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    for name, content in Tokenizer(folder / "tokenizer.model").hf_files(chat=True).items():
+        (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+def test_generate_and_chat_take_the_adapter(adapter, tiny_with_tokenizer_files, capsys, monkeypatch):
+    # `rg-mlx generate --adapter-path` gives what mlx-lm's generate gives with the same adapter (and not
+    # what the base model gives); `rg-mlx chat --adapter-path` chats with the tuned model.
+    import io
+
+    import mlx_lm
+
+    folder, prompt = str(tiny_with_tokenizer_files), "The quick brown fox"
+    assert main(["generate", "--model", folder, "--adapter-path", str(adapter), "--prompt", prompt, "-m", "12"]) == 0
+    ours = capsys.readouterr().out
+    with registration_restored():
+        integration.register_with_mlx_lm()
+        theirs, tokenizer = mlx_lm.load(folder, adapter_path=str(adapter))
+        base, _ = mlx_lm.load(folder)
+    assert ours == mlx_lm.generate(theirs, tokenizer, prompt, max_tokens=12) + "\n"
+    assert ours != mlx_lm.generate(base, tokenizer, prompt, max_tokens=12) + "\n"
+
+    tuned, our_tokenizer = load(folder, adapter_path=adapter)
+    expected = "".join(r.text for r in ChatSession(tuned, our_tokenizer, max_tokens=10).send("Hello!"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n/quit\n"))
+    assert main(["chat", "--model", folder, "--adapter-path", str(adapter), "-m", "10"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_the_app_loads_its_model_with_the_adapter(adapter, tiny_model_dir):
+    from rg_mlx.app.server import ChatApp
+
+    app = ChatApp(str(tiny_model_dir), adapter_path=str(adapter))
+    try:
+        assert app.service.models.current.adapter_path == str(adapter)
+        tuned, _ = load(tiny_model_dir, adapter_path=adapter)
+        tokens = mx.array([[5, 6, 7, 8]])
+        served = app.worker.call(lambda: np.array(app.model(tokens)))  # on the worker: its model's streams live there
+        np.testing.assert_array_equal(served, np.array(tuned(tokens)))
+    finally:
+        app.close()

@@ -17,7 +17,7 @@ SHORT = SamplingConfig(temperature=1.5, seed=3, max_tokens=12)
 LONG = SamplingConfig(max_tokens=100_000)
 
 
-def endless_loader(path, dtype=None):
+def endless_loader(path, dtype=None, adapter_path=None):
     """`rg_mlx.load` with a tokenizer that never stops: every reply runs to its `max_tokens`."""
     model, tokenizer = load(path, dtype=dtype)
     tokenizer = copy.copy(tokenizer)

@@ -17,7 +17,7 @@ from ..sampling import SETTINGS, SamplingConfig, SamplingError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model` (folder or hub repo id) and `--dtype`."""
+    """`--model` (folder or hub repo id), `--dtype` and `--adapter-path`."""
     parser.add_argument(
         "--model", default="demo", help="model folder or Hugging Face repo id (default: the bundled demo model)"
     )
@@ -26,6 +26,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
     )
+    add_adapter_argument(parser)
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    """`--adapter-path`: a LoRA adapter for `rg_mlx.load(adapter_path=...)`."""
+    parser.add_argument("--adapter-path", metavar="FOLDER", help="a LoRA adapter trained with `rg-mlx mlx-lm lora`")
 
 
 def flag_error(args: argparse.Namespace, message: str) -> NoReturn:
@@ -35,7 +41,7 @@ def flag_error(args: argparse.Namespace, message: str) -> NoReturn:
 
 
 def load_model(args: argparse.Namespace, sampling: SamplingConfig | None = None):
-    """`rg_mlx.load(--model, --dtype)`, then the checks of `sampling` that need the model (`--top-k`
+    """`rg_mlx.load(--model, --dtype, --adapter-path)`, then the checks of `sampling` that need the model (`--top-k`
     below the vocabulary size). The bundled demo (the default) says so, and how to get a real model."""
     from .. import load
     from ..distributed import world
@@ -44,7 +50,7 @@ def load_model(args: argparse.Namespace, sampling: SamplingConfig | None = None)
         from ..demo import NOTICE
 
         print(f"rg-mlx {args.command}: {NOTICE}", file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=args.dtype, group=world())
+    model, tokenizer = load(args.model, dtype=args.dtype, adapter_path=getattr(args, "adapter_path", None), group=world())
     if sampling is not None:
         try:
             sampling.check_vocab(model.args.vocab_size)

@@ -12,11 +12,12 @@ from .worker import Worker
 
 
 class Loaded(NamedTuple):
-    """A loaded model: what `rg_mlx.load` returned for `path`."""
+    """A loaded model: what `rg_mlx.load` returned for `path` (with the LoRA adapter at `adapter_path`)."""
 
     model: Any
     tokenizer: Any
     path: str
+    adapter_path: str | None = None
 
 
 class ModelHolder:
@@ -26,7 +27,7 @@ class ModelHolder:
         worker: the MLX worker (loading runs there, between two tokens of a running reply).
         sessions: the sessions to reset when the model changes.
         dtype: compute dtype for `rg_mlx.load`.
-        loader: `rg_mlx.load` (tests may pass their own).
+        loader: `rg_mlx.load` (tests may pass their own, taking its `dtype` and `adapter_path`).
     """
 
     def __init__(
@@ -65,19 +66,20 @@ class ModelHolder:
         current = self.current
         return None if current is None else current.path
 
-    def load(self, path: str) -> None:
-        """Load `path` and make it the model: cancel every job, reset every session (their keys are
-        remembered, `SessionRegistry.take_reset_notice`). A load that fails (RGError) changes nothing."""
+    def load(self, path: str, *, adapter_path: str | None = None) -> None:
+        """Load `path` (with the LoRA adapter at `adapter_path`, if given) and make it the model: cancel
+        every job, reset every session (their keys are remembered, `SessionRegistry.take_reset_notice`).
+        A load that fails (RGError) changes nothing."""
 
         def swap() -> None:
             if self._loader is None:
                 from .. import load
 
                 self._loader = load
-            model, tokenizer = self._loader(path, dtype=self.dtype)
+            model, tokenizer = self._loader(path, dtype=self.dtype, adapter_path=adapter_path)
             self.worker.cancel()
             with self._lock:
-                self._current = Loaded(model, tokenizer, str(path))
+                self._current = Loaded(model, tokenizer, str(path), adapter_path)
             old = self.sessions.reset_all()
             old.clear()  # the old chats (and their states) are freed here, on the worker
 

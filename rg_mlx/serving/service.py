@@ -236,9 +236,10 @@ class ChatService:
             self.worker.cancel_job(job)
 
     # ---- model ---------------------------------------------------------------------------
-    def load(self, path: str) -> None:
-        """Switch to the model at `path` (see `ModelHolder.load`: every session is reset)."""
-        self.models.load(path)
+    def load(self, path: str, *, adapter_path: str | None = None) -> None:
+        """Switch to the model at `path`, with the LoRA adapter at `adapter_path` if given (see
+        `ModelHolder.load`: every session is reset)."""
+        self.models.load(path, adapter_path=adapter_path)
 
     def close(self) -> None:
         """Stop the worker and free every session and the model."""
