@@ -115,6 +115,7 @@ def test_streams_in_chunks_then_stats(served, client):
     assert history(chatbot)[0] == {"role": "user", "content": PROMPT}
     for part in ("100 tokens", "tok/s", "first token", "prompt ", "MiB** (fixed)", "tokens in this chat"):
         assert part in stats
+    latency, memory = latency["value"], memory["value"]  # plot updates: the data and the y axis's range
     assert len(latency["data"]) == 99 and len(memory["data"]) == 99  # one point per token after the first
     assert all(row[1] > 0 for row in memory["data"])
 
@@ -199,7 +200,7 @@ def test_two_clients_queue_fairly_and_do_not_mix(served):
     second_outputs = list(short_job)
     long_job.result()
     waiting = [o[2] for o in second_outputs if isinstance(o[2], str) and "ahead of you" in o[2]]
-    assert waiting and waiting[0] == "⏳ waiting: 1 ahead of you"
+    assert waiting and waiting[0] == "waiting: 1 ahead of you"
 
     one = reference(app, [(PROMPT, overrides(max_tokens=60, seed=1))])
     two = reference(app, [("The quick brown fox", overrides(seed=2))])

@@ -33,7 +33,9 @@ def test_generate_streams_text_and_prints_stats(tiny_model_dir, loaded):
     assert out.stdout == generate(model, tokenizer, "Hello world", max_tokens=12) + "\n"
     stats = out.stderr.strip().splitlines()[-1]
     prompt_tokens = len(tokenizer.encode("Hello world"))
-    for part in (f"prompt: {prompt_tokens} tokens", "tok/s", "generation: ", "peak memory: ", "GB", "state: ", "KiB"):
+    # A model without a chat template gets the prompt as it is; the memory is named: RSS, then MLX's peak.
+    for part in (f"prompt: {prompt_tokens} tokens (raw)", "tok/s", "generation: ", "memory: RSS ", "MiB, MLX peak ",
+                 "state: ", "KiB"):
         assert part in stats
 
 
@@ -80,7 +82,7 @@ def test_chat_session_through_stdin(tiny_model_dir, loaded, tmp_path):
     assert out.stdout.endswith(f"user: Hello!\nassistant: {reply}\n")
     err = out.stderr
     stats = [line for line in err.splitlines() if line.startswith("[") and "tok/s" in line]
-    assert len(stats) == 3 and all("state " in line and "GB" in line for line in stats)  # after each reply
+    assert len(stats) == 3 and all("state " in line and "| RSS " in line and "MLX peak " in line for line in stats)
     assert "/undo" in err  # help
     assert "[undone; 1 exchanges left]" in err
     assert f"[saved to {saved}]" in err and saved.is_file()
@@ -127,7 +129,9 @@ def test_bad_sampling_flags_exit_2_with_one_line_before_loading(command, monkeyp
     argv = [command, "--model", str(tmp_path / "no-such-model")] + (["--prompt", "hi"] if command == "generate" else [])
     extra = [(["--max-snapshots", "-1"], "--max-snapshots -1: must be >= 0")] if command == "chat" else [
         (["--prefill-step-size", "0"], "--prefill-step-size 0: must be >= 1"),
-        (["--system", "x"], "--system needs --chat"),
+        (["--system", "x", "--raw"], "--system needs the chat format: drop --raw"),
+        (["--prompt", ""], "--prompt '': the prompt is empty (give some text)"),
+        (["--prompt", " \n "], "--prompt ' \\n ': the prompt is empty (give some text)"),
     ]
     for flags, message in BAD_FLAGS + extra:
         with pytest.raises(SystemExit) as e:
