@@ -41,7 +41,7 @@ PLOT_HEADROOM = 1.25  # the y axis reaches this far above a plot's highest point
 # Button icons as CSS masks painted in the text colour: a glyph (■, ↻) renders as an empty box where the
 # browser's fonts lack it (Debian's Liberation fonts lack most of them).
 _ICONS = {  # 24 x 24 shapes (the arrows are Material Design's refresh, undo and close icons)
-    "stop": "<rect x='5' y='5' width='14' height='14' rx='2.5'/>",
+    "stop": "<rect x='4.5' y='4.5' width='15' height='15' rx='2.5'/>",
     "retry": "<path d='M17.65 6.35A7.96 7.96 0 0 0 12 4a8 8 0 1 0 7.73 10h-2.08A6 6 0 1 1 12 6c1.66 0 3.14.69 4.22 "
     "1.78L13 11h7V4z'/>",
     "undo": "<path d='M12.5 8c-2.65 0-5.05.99-6.9 2.6L2 7v9h9l-3.62-3.62c1.39-1.16 3.16-1.88 5.12-1.88 3.54 0 6.55 2.31 "
@@ -84,6 +84,7 @@ CSS = """
 #rg-actions button { min-width: 0; }
 #rg-side .block { box-shadow: none; }
 #rg-side .vega-embed { padding: 0 0 12px 14px; box-sizing: border-box; }
+#rg-plot-ms, #rg-plot-mib { overflow: visible !important; }  /* the x axis title hangs below the plot */
 #rg-side .vega-embed svg { overflow: visible; }
 #rg-chat .placeholder-content { padding: 28px 36px; max-width: 46rem; margin: auto; line-height: 1.55; }
 #rg-chat .placeholder-content p { margin: 0 0 0.8em; }

@@ -194,3 +194,22 @@ def test_without_a_model():
         assert len(service.sessions) == 0
     finally:
         service.close()
+
+
+LONG_MESSAGE = "The quick brown fox jumps over the lazy dog. " * 30  # over 512 tokens: two prefill chunks
+
+
+def test_follow_reports_how_far_the_prompt_has_been_read(service, slow_prefill):
+    session = service.session("reader")
+    reply = service.send(session, LONG_MESSAGE, SHORT)
+    progress = list(service.follow(reply, update_every=0))
+    tokenizer = service.models.tokenizer
+    total = len(tokenizer.chat_tokens([{"role": "user", "content": LONG_MESSAGE}]))
+    assert total > 512
+    reading = [p for p in progress if p.prefill is not None]
+    assert [(p.prefill.done, p.prefill.total) for p in reading] == [(d, total) for d in range(0, total, 512)] + [
+        (total, total)]
+    first_token = next(i for i, p in enumerate(progress) if p.response is not None)
+    assert all(p.response is None and p.text == "" for p in progress[:first_token])  # reading comes first
+    assert progress.index(reading[-1]) < first_token and reading[-1].prefill.tps > 0
+    assert session.view().messages[-1]["content"].startswith(progress[-1].text)
