@@ -60,7 +60,8 @@ class GenerationResponse:
         prompt_time: seconds to process the prompt (time to the first token).
         generation_tokens: tokens generated so far.
         generation_tps: generated tokens per second.
-        peak_memory: peak memory of the process so far, GB (`mx.get_peak_memory`).
+        peak_memory: the most memory MLX's arrays have held so far, GB (`mx.get_peak_memory`, as in
+            mlx-lm): its allocator's peak, not the process's resident memory (`rg_mlx.memory.rss_bytes`).
         state_bytes: bytes of the fixed-size state (constant once generation started).
     """
 

@@ -44,7 +44,7 @@ input:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--system", help="system prompt (folded into the first user turn: Gemma has no system role)")
     parser.add_argument(
         "--max-snapshots", type=int, default=16, help="per-turn state snapshots kept for /undo and /retry (default 16)"
     )

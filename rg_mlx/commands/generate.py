@@ -26,7 +26,7 @@ HELP = "generate text from a prompt"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("-p", "--prompt", required=True, help="the prompt; '-' reads it from stdin")
+    parser.add_argument("-p", "--prompt", required=True, help="the prompt (not empty); '-' reads it from stdin")
     form = parser.add_mutually_exclusive_group()
     form.add_argument(
         "--chat", action="store_true",
