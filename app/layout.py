@@ -42,21 +42,23 @@ PLOT_HEADROOM = 1.25  # the y axis reaches this far above a plot's highest point
 # browser's fonts lack it (Debian's Liberation fonts lack most of them).
 _ICONS = {  # 24 x 24 shapes (the arrows are Material Design's refresh, undo and close icons)
     "stop": "<rect x='4.5' y='4.5' width='15' height='15' rx='2.5'/>",
-    "retry": "<path d='M17.65 6.35A7.96 7.96 0 0 0 12 4a8 8 0 1 0 7.73 10h-2.08A6 6 0 1 1 12 6c1.66 0 3.14.69 4.22 "
-    "1.78L13 11h7V4z'/>",
-    "undo": "<path d='M12.5 8c-2.65 0-5.05.99-6.9 2.6L2 7v9h9l-3.62-3.62c1.39-1.16 3.16-1.88 5.12-1.88 3.54 0 6.55 2.31 "
-    "7.6 5.5l2.37-.78C21.08 11.03 17.15 8 12.5 8z'/>",
-    "clear": "<path d='M19 6.41 17.59 5 12 10.59 6.41 5 5 6.41 10.59 12 5 17.59 6.41 19 12 13.41 17.59 19 19 17.59 13.41 "
-    "12z'/>",
+    "retry": "<path d='M17.65 6.35A7.96 7.96 0 0 0 12 4a8 8 0 1 0 7.73 10h-2.08A6 6 0 1 1 12 6c1.66 0 "
+    "3.14.69 4.22 1.78L13 11h7V4z'/>",
+    "undo": "<path d='M12.5 8c-2.65 0-5.05.99-6.9 2.6L2 7v9h9l-3.62-3.62c1.39-1.16 3.16-1.88 5.12-1.88 "
+    "3.54 0 6.55 2.31 7.6 5.5l2.37-.78C21.08 11.03 17.15 8 12.5 8z'/>",
+    "clear": "<path d='M19 6.41 17.59 5 12 10.59 6.41 5 5 6.41 10.59 12 5 17.59 6.41 19 12 13.41 17.59 19 "
+    "19 17.59 13.41 12z'/>",
 }
 
 
 def _icon_rule(name: str, shape: str) -> str:
     """CSS that puts `shape` before the text of button `#rg-NAME`, in the button's text colour."""
-    url = f"url(\"data:image/svg+xml;utf8,<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 24 24'>{shape}</svg>\")"
+    svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 24 24'>{shape}</svg>"
+    url = f'url("data:image/svg+xml;utf8,{svg}")'
     return (
-        f"#rg-{name}::before {{ content: ''; display: inline-block; width: 1.05em; height: 1.05em; margin-right: 0.35em;"
-        f" vertical-align: -0.17em; background-color: currentColor; -webkit-mask: {url} center / contain no-repeat;"
+        f"#rg-{name}::before {{ content: ''; display: inline-block; width: 1.05em; height: 1.05em;"
+        f" margin-right: 0.35em; vertical-align: -0.17em; background-color: currentColor;"
+        f" -webkit-mask: {url} center / contain no-repeat;"
         f" mask: {url} center / contain no-repeat; }}"
     )
 

@@ -164,7 +164,8 @@ def test_regenerate_changes_nothing_until_iterated(loaded, tmp_path):
     assert session.history == history and session.tokens == tokens
     session.save(tmp_path / "talk.safetensors")
     restored = ChatSession.load(tmp_path / "talk.safetensors", model, tokenizer)
-    assert restored.history == history == [{"role": "user", "content": MESSAGES[0]}, {"role": "assistant", "content": first}]
+    assert restored.history == history
+    assert history == [{"role": "user", "content": MESSAGES[0]}, {"role": "assistant", "content": first}]
     for x, y in zip(state, state_arrays(restored), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
     # Iterated, it replaces the reply (greedy: the same one).

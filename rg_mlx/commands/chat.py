@@ -15,7 +15,15 @@ from pathlib import Path
 
 from ..memory import human_bytes
 from ..sampling import CHAT, SETTINGS
-from . import PrefillBar, add_model_arguments, add_sampling_arguments, flag_error, load_model, memory_text, sampling_config
+from . import (
+    PrefillBar,
+    add_model_arguments,
+    add_sampling_arguments,
+    flag_error,
+    load_model,
+    memory_text,
+    sampling_config,
+)
 
 HELP = "chat with a model in the terminal"
 HISTORY_FILE = "chat_history"  # in `rg_mlx.paths.cache_dir()`
@@ -226,9 +234,8 @@ def run(args: argparse.Namespace) -> int:
                     for m in session.history:
                         print(f"{m['role']}: {m['content']}")
                 elif command == "stats":
-                    print(
-                        f"[state {human_bytes(session.state_bytes)}, {session.tokens_seen} tokens seen]", file=sys.stderr
-                    )
+                    state = human_bytes(session.state_bytes)
+                    print(f"[state {state}, {session.tokens_seen} tokens seen]", file=sys.stderr)
                 else:
                     raise RGError(f"unknown command /{command}: /help lists them")
             except RGError as e:

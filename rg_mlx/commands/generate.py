@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args, sampling)
     chat = args.chat or (not args.raw and tokenizer.is_chat_model)
     if args.system and not chat:
-        flag_error(args, f"--system needs the chat format: {args.model} has no chat template; add --chat to use Gemma's")
+        flag_error(
+            args, f"--system needs the chat format: {args.model} has no chat template; add --chat to use Gemma's"
+        )
     if chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
