@@ -12,7 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="folder of converted models to offer in the model picker")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
+    )
     add_adapter_argument(parser)
 
 

@@ -6,6 +6,7 @@ the handlers translate between Gradio values and the serving layer.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -26,13 +27,43 @@ NO_MODEL = (
 )
 DEMO_NOTE = (
     "**This is the bundled demo model**: a tiny Griffin that only knows about rg_mlx. For a real model, "
-    "`rg-mlx convert google/recurrentgemma-2b-it models/rg-2b-it`, then `rg-mlx app --model models/rg-2b-it`."
+    "`rg-mlx convert google/recurrentgemma-2b-it models/rg-2b-it`, then `rg-mlx app --model models/rg-2b-it`.\n\n"
+    "It learned one answer per question and is very sure of it: **Retry** draws a new seed for every reply "
+    "(seed -1), yet usually gets the same words back. Raise the temperature to see it vary."
 )
 SYSTEM_INFO = (
     "Gemma has no system role: this text is folded into your first message. "
     "A change applies to a new chat (Clear)."
 )
 PLOT_TITLES = ("per-token latency (ms)", "process memory, RSS (MiB)")
+PLOT_HEADROOM = 1.25  # the y axis reaches this far above a plot's highest point, so the line never meets the frame
+
+# Button icons as CSS masks painted in the text colour: a glyph (■, ↻) renders as an empty box where the
+# browser's fonts lack it (Debian's Liberation fonts lack most of them).
+_ICONS = {  # 24 x 24 shapes (the arrows are Material Design's refresh, undo and close icons)
+    "stop": "<rect x='4.5' y='4.5' width='15' height='15' rx='2.5'/>",
+    "retry": "<path d='M17.65 6.35A7.96 7.96 0 0 0 12 4a8 8 0 1 0 7.73 10h-2.08A6 6 0 1 1 12 6c1.66 0 "
+    "3.14.69 4.22 1.78L13 11h7V4z'/>",
+    "undo": "<path d='M12.5 8c-2.65 0-5.05.99-6.9 2.6L2 7v9h9l-3.62-3.62c1.39-1.16 3.16-1.88 5.12-1.88 "
+    "3.54 0 6.55 2.31 7.6 5.5l2.37-.78C21.08 11.03 17.15 8 12.5 8z'/>",
+    "clear": "<path d='M19 6.41 17.59 5 12 10.59 6.41 5 5 6.41 10.59 12 5 17.59 6.41 19 12 13.41 17.59 19 "
+    "19 17.59 13.41 12z'/>",
+}
+
+
+def _icon_rule(name: str, shape: str) -> str:
+    """CSS that puts `shape` before the text of button `#rg-NAME`, in the button's text colour."""
+    svg = f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 24 24'>{shape}</svg>"
+    url = f'url("data:image/svg+xml;utf8,{svg}")'
+    return (
+        f"#rg-{name}::before {{ content: ''; display: inline-block; width: 1.05em; height: 1.05em;"
+        f" margin-right: 0.35em; vertical-align: -0.17em; background-color: currentColor;"
+        f" -webkit-mask: {url} center / contain no-repeat;"
+        f" mask: {url} center / contain no-repeat; }}"
+    )
+
+
+ICON_CSS = "\n".join(_icon_rule(name, shape) for name, shape in _ICONS.items())
 
 THEME = gr.themes.Soft(
     primary_hue="indigo",
@@ -55,9 +86,12 @@ CSS = """
 #rg-actions button { min-width: 0; }
 #rg-side .block { box-shadow: none; }
 #rg-side .vega-embed { padding: 0 0 12px 14px; box-sizing: border-box; }
+#rg-plot-ms, #rg-plot-mib { overflow: visible !important; }  /* the x axis title hangs below the plot */
 #rg-side .vega-embed svg { overflow: visible; }
+#rg-chat .placeholder-content { padding: 28px 36px; max-width: 46rem; margin: auto; line-height: 1.55; }
+#rg-chat .placeholder-content p { margin: 0 0 0.8em; }
 footer { display: none !important; }
-"""
+""" + ICON_CSS
 
 
 def plot_frames(trace: list[tuple[int, float, float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,6 +99,22 @@ def plot_frames(trace: list[tuple[int, float, float]]) -> tuple[pd.DataFrame, pd
     df = pd.DataFrame(trace, columns=["token", "ms", "MiB"])
     df = df.astype({"token": "int64", "ms": "float64", "MiB": "float64"})
     return df[["token", "ms"]], df[["token", "MiB"]]
+
+
+def axis_top(highest: float) -> float:
+    """The top of a y axis from 0 that shows `highest` with `PLOT_HEADROOM` above it: the next round value
+    (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) at or above `highest * PLOT_HEADROOM`."""
+    target = max(highest, 1e-9) * PLOT_HEADROOM
+    power = 10.0 ** math.floor(math.log10(target))
+    return next(power * m for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if power * m >= target * (1 - 1e-12))
+
+
+def plots(trace: list[tuple[int, float, float]]) -> tuple[gr.LinePlot, gr.LinePlot]:
+    """The latency and memory plots of a session's trace, each y axis from 0 to `axis_top` of its data."""
+    return tuple(
+        gr.LinePlot(df, y_lim=[0, axis_top(df[df.columns[1]].max())] if len(df) else [0, None])
+        for df in plot_frames(trace)
+    )
 
 
 def _elem_id(name: str) -> str:
@@ -100,11 +150,11 @@ def build(app: ChatApp) -> gr.Blocks:
                         elem_id="rg-input",
                     )
                     send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="rg-send")
-                    stop_btn = gr.Button("■ Stop", variant="stop", scale=1, min_width=80, elem_id="rg-stop")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="rg-stop")
                 with gr.Row(elem_id="rg-actions"):
-                    retry_btn = gr.Button("↻ Retry", size="sm", elem_id="rg-retry")
-                    undo_btn = gr.Button("↶ Undo", size="sm", elem_id="rg-undo")
-                    clear_btn = gr.Button("✕ Clear", size="sm", elem_id="rg-clear")
+                    retry_btn = gr.Button("Retry", size="sm", elem_id="rg-retry")
+                    undo_btn = gr.Button("Undo", size="sm", elem_id="rg-undo")
+                    clear_btn = gr.Button("Clear", size="sm", elem_id="rg-clear")
                 stats = gr.Markdown(elem_id="rg-stats")
             with gr.Column(scale=3, min_width=340, elem_id="rg-side"):
                 with gr.Accordion("Speed & memory over this chat", open=True):

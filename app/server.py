@@ -19,16 +19,21 @@ from typing import Any
 import gradio as gr
 
 from rg_mlx.errors import RGError
+from rg_mlx.generate import PrefillProgress
 from rg_mlx.memory import human_bytes
 from rg_mlx.sampling import APP, SamplingConfig
 from rg_mlx.serving import ChatService, Reply, Session, SessionRegistry, SessionView, Worker, now_iso
 
 from . import layout, transcript
 from . import settings as panel
-from .layout import NO_MODEL, plot_frames
+from .layout import NO_MODEL, plots
 from .models import DEMO, demo_available, list_models, model_label
 
 PLOT_EVERY_S = 1.0  # live plot refresh period while streaming
+SAME_REPLY = (
+    "Retry drew a new seed and the model gave the same reply: it is very sure of this answer (the bundled demo "
+    "almost always is). Raise the temperature for more variety."
+)
 
 __all__ = ["ChatApp", "NO_MODEL"]
 
@@ -44,12 +49,18 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _reading(p: PrefillProgress) -> str:
+    """The status line while the model reads a message: `reading your message: 12,000 / 30,000 tokens · 410 tok/s`."""
+    rate = f" · {p.tps:,.0f} tok/s" if p.tps > 0 else ""
+    return f"reading your message: {p.done:,} / {p.total:,} tokens{rate}"
+
+
 def _stats(view: SessionView) -> str:
     """The stats line under the chat: the last reply's speed and the fixed state's size."""
     r = view.last
     if r is None:
-        return "⏹ stopped before the first token" if view.stopped else ""
-    end = "⏹ stopped" if view.stopped else {"length": "✂ max tokens reached"}.get(r.finish_reason, "")
+        return "stopped before the first token" if view.stopped else ""
+    end = "stopped" if view.stopped else {"length": "max tokens reached"}.get(r.finish_reason, "")
     parts = [
         f"**{r.generation_tokens} tokens**",
         f"{r.generation_tps:.1f} tok/s",
@@ -156,9 +167,9 @@ class ChatApp:
     def _view(session: Session | None) -> tuple:
         """(chatbot, stats, latency plot, memory plot) for a session's current conversation."""
         if session is None:
-            return [], "", *plot_frames([])
+            return [], "", *plots([])
         view = session.view()
-        return view.messages, _stats(view), *plot_frames(view.trace)
+        return view.messages, _stats(view), *plots(view.trace)
 
     def _stream(self, session: Session, reply: Reply | None) -> Iterator[tuple]:
         """Follow a queued reply: yield (chatbot, stats, latency plot, memory plot) until it ends."""
@@ -166,19 +177,22 @@ class ChatApp:
             gr.Warning("Nothing to retry yet.")
             yield self._view(session)
             return
-        yield reply.shown, "⋯ reading the prompt", gr.skip(), gr.skip()
+        yield reply.shown, "reading your message…", gr.skip(), gr.skip()
         next_plot = time.monotonic() + PLOT_EVERY_S
         try:
             for p in self.service.follow(reply, self.update_every):
+                if p.prefill is not None:
+                    yield reply.shown, _reading(p.prefill), gr.skip(), gr.skip()
+                    continue
                 if p.response is None:
-                    waiting = f"⏳ waiting: {p.ahead} ahead of you"
+                    waiting = f"waiting: {p.ahead} ahead of you"
                     yield reply.shown + [{"role": "assistant", "content": waiting}], waiting, gr.skip(), gr.skip()
                     continue
-                plots = (gr.skip(), gr.skip())
+                shown = (gr.skip(), gr.skip())
                 if time.monotonic() > next_plot:
-                    plots, next_plot = plot_frames(session.trace()), time.monotonic() + PLOT_EVERY_S
+                    shown, next_plot = plots(session.trace()), time.monotonic() + PLOT_EVERY_S
                 status = f"generating… {p.response.generation_tokens} tokens · {p.response.generation_tps:.1f} tok/s"
-                yield reply.shown + [{"role": "assistant", "content": p.text}], status, *plots
+                yield reply.shown + [{"role": "assistant", "content": p.text}], status, *shown
         except RGError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # the reply failed on the worker: say so, the app keeps serving
@@ -205,9 +219,18 @@ class ChatApp:
             first = False
 
     def retry(self, request: gr.Request, *settings: Any) -> Iterator[tuple]:
-        """Regenerate the last reply. Outputs: chatbot, stats, plots."""
+        """Regenerate the last reply. Outputs: chatbot, stats, plots.
+
+        A new reply that is word for word the old one gets a note: a confident model (the bundled demo
+        above all) often answers so even with a new seed, and without the note Retry would look broken.
+        """
         session = self._session(request)
+        before = session.view().messages
         yield from self._stream(session, self._queue(self.service.regenerate, session, self._sampling(settings)))
+        after = session.view()
+        replied = after.last is not None and not after.stopped
+        if replied and before and before[-1]["role"] == "assistant" and after.messages == before:
+            gr.Info(SAME_REPLY)
 
     def edit(self, request: gr.Request, edit: gr.EditData, *settings: Any) -> Iterator[tuple]:
         """The chatbot's edit event: replace the last user message and regenerate from there."""

@@ -152,6 +152,7 @@ def convert(
             name=upload_repo or output.name,
             base_model=checkpoint.base_model,
             description=_describe(checkpoint.base_model or Path(source).name, target, spec),
+            chat=is_chat,
         )
         partial.finish(tmp)
         _replace(tmp, output)

@@ -7,6 +7,7 @@ import signal
 import sys
 
 from rg_mlx.errors import RGError
+from rg_mlx.memory import human_bytes, human_count
 from rg_mlx.quant import DEFAULTS, MODES, QuantSpec
 
 
@@ -107,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     shards = len(result.files)
     print(
         f"converted {args.source} -> {result.path} in {result.seconds:.1f} s\n"
-        f"  parameters   {result.parameters / 1e9:.3f} B ({result.parameters:,})\n"
+        f"  parameters   {human_count(result.parameters)} ({result.parameters:,})\n"
         f"  dtype        {dtype}\n"
         f"  bits/weight  {result.bits_per_weight:.3f}\n"
-        f"  size on disk {result.size_bytes / 2**30:.2f} GiB ({result.size_bytes:,} bytes, "
+        f"  size on disk {human_bytes(result.size_bytes)} ({result.size_bytes:,} bytes, "
         f"{shards} shard{'s' if shards > 1 else ''})"
     )
     if args.upload_repo:

@@ -125,7 +125,9 @@ def open_deepmind_pt(path: Path) -> Checkpoint:
     try:
         import torch
     except ImportError:
-        raise RGError("converting a DeepMind .pt checkpoint needs PyTorch: pip install 'rg-mlx[torch]'") from None
+        raise RGError(
+            "converting a DeepMind .pt checkpoint needs PyTorch: pip install -e '.[torch]' in the rg-mlx clone"
+        ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for bad files; none may escape as a traceback

@@ -134,8 +134,9 @@ def write_generation_config(folder: Path, bos_id: int | None, eos_ids: list[int]
     write_json(folder / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
 
 
-def write_model_card(folder: Path, *, name: str, base_model: str | None, description: str) -> None:
-    """`README.md`: a Hugging Face model card (`library_name: mlx`) saying how to run the model."""
+def write_model_card(folder: Path, *, name: str, base_model: str | None, description: str, chat: bool = False) -> None:
+    """`README.md`: a Hugging Face model card (`library_name: mlx`) saying how to install rg-mlx and run the model
+    (`chat`: an instruction-tuned model, whose folder has Gemma's chat template)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -145,6 +146,18 @@ def write_model_card(folder: Path, *, name: str, base_model: str | None, descrip
         pipeline_tag="text-generation",
         tags=["mlx", "rg-mlx", "recurrentgemma", "griffin"],
     )
+    if chat:
+        usage = (
+            "`rg-mlx generate` gives the prompt to this instruction-tuned model as a user turn of Gemma's chat "
+            "format (`--raw` sends it as plain text); in Python, pass the conversation as messages."
+        )
+        prompt = '[{"role": "user", "content": "Why is the sky blue?"}]'
+    else:
+        usage = (
+            "This is a pretrained (base) model: it continues text. `rg-mlx generate` gives it the prompt as "
+            "plain text (`--chat` puts it in Gemma's chat format)."
+        )
+        prompt = '"The sky is blue because"'
     text = f"""---
 {data.to_yaml()}
 ---
@@ -153,21 +166,31 @@ def write_model_card(folder: Path, *, name: str, base_model: str | None, descrip
 
 {description}, converted with rg-mlx (RecurrentGemma on Apple MLX, exact to DeepMind's reference).
 
+## Install rg-mlx
+
+rg-mlx is not published on PyPI yet: install it from a clone of its repository, in the clone's folder:
+
+```bash
+pip install -e .
+```
+
 ## Run it
 
 ```bash
-pip install rg-mlx
 rg-mlx chat --model {name}
-rg-mlx generate --model {name} --chat -p "Why is the sky blue?"
+rg-mlx generate --model {name} -p "Why is the sky blue?"
 ```
+
+{usage}
 
 ```python
 import rg_mlx
 
 model, tokenizer = rg_mlx.load("{name}")
-print(rg_mlx.generate(model, tokenizer, "Why is the sky blue?"))
+print(rg_mlx.generate(model, tokenizer, {prompt}))
 ```
 
-The folder is also an mlx-lm model (`mlx_lm.utils.load_model`).
+The folder is also an mlx-lm model (`mlx_lm.generate --model {name}`, `mlx_lm.utils.load_model`), and its tokenizer
+files load in Hugging Face's `AutoTokenizer`.
 """
     ModelCard(text).save(folder / "README.md")

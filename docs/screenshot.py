@@ -39,6 +39,7 @@ def main() -> None:
             )
             page = browser.new_page(viewport={"width": 1440, "height": 960}, device_scale_factor=1)
             page.goto(demo.local_url)
+            expect(page.locator("#rg-input textarea")).to_be_editable(timeout=60_000)
             for elem_id, value in [("rg-temperature", 0), ("rg-max-tokens", args.max_tokens)]:
                 box = page.locator(f"#{elem_id} input[type=number]")
                 box.fill(str(value))
@@ -47,7 +48,7 @@ def main() -> None:
             for i, message in enumerate(args.messages):
                 box.fill(message)
                 box.press("Enter")
-                expect(page.locator("[data-testid=user]")).to_have_count(i + 1)
+                expect(page.locator("[data-testid=user]")).to_have_count(i + 1, timeout=60_000)
                 expect(page.locator("#rg-stats")).to_contain_text("tokens in this chat", timeout=120_000)
             page.wait_for_timeout(1500)  # let the plots settle
             page.locator("#rg-input textarea").blur()

@@ -7,7 +7,14 @@ __version__ = "0.1.0"
 from .chat import ChatSession
 from .config import ModelArgs, preset
 from .errors import RGError
-from .generate import GenerationResponse, batch_generate, generate, generate_step, stream_generate
+from .generate import (
+    GenerationResponse,
+    PrefillProgress,
+    batch_generate,
+    generate,
+    generate_step,
+    stream_generate,
+)
 from .integration import register_with_mlx_lm
 from .loading import load, load_model
 from .model import Model
@@ -19,6 +26,7 @@ __all__ = [
     "GenerationResponse",
     "ModelArgs",
     "Model",
+    "PrefillProgress",
     "RGError",
     "Sampling",
     "SamplingConfig",

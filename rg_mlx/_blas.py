@@ -13,7 +13,7 @@ Two kinds of library:
   four to eight rows by a large weight (batched decode) to its own product that reads the weight
   once for all rows, split over the cores, and the rest to OpenBLAS's ``sgemm``.
   Without the router only the system OpenBLAS can be used, and its one-row products are slow.
-- Intel MKL from PyPI (``pip install 'rg-mlx[mkl]'``), loaded as it is.
+- Intel MKL from PyPI (``pip install -e '.[mkl]'`` in the rg-mlx clone), loaded as it is.
 
 MLX's CPU allocator is plain malloc and free, without the buffer cache its Metal allocator keeps.
 glibc hands out every block over 32 MB (a prompt chunk's attention scores) as a fresh mapping,
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 ENV_VAR = "RG_MLX_BLAS"
 CHOICES = ("auto", "mkl", "openblas", "off")
 INSTALL_HINT = (
-    "pip install numpy (its wheel carries OpenBLAS), apt install libopenblas0-pthread, or pip install 'rg-mlx[mkl]'"
+    "pip install numpy (its wheel carries OpenBLAS), apt install libopenblas0-pthread, "
+    "or pip install -e '.[mkl]' in the rg-mlx clone"
 )
 
 # What `load` found: a one-line description, see `active()`; and whether one-row products go to a threaded sgemv.

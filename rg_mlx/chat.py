@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import RGError
-from .generate import GenerationResponse, feed, stream_generate
+from .generate import GenerationResponse, PrefillCallback, feed, stream_generate
 from .sampling import CHAT, SamplingConfig, resolve
 from .state import AttentionState, copy_state, eval_state, restore_state, state_bytes
 from .tokenizer import Tokenizer
@@ -118,48 +118,50 @@ class ChatSession:
     # -- conversation -------------------------------------------------------------------
 
     def send(
-        self, text: str, *, sampling: SamplingConfig | None = None, **overrides: Any
+        self,
+        text: str,
+        *,
+        sampling: SamplingConfig | None = None,
+        prefill_progress: PrefillCallback | None = None,
+        **overrides: Any,
     ) -> Iterator[GenerationResponse]:
         """Stream the reply to a user message.
 
         `sampling` (a whole config) and/or `overrides` (some of its fields) change the settings
-        for this reply only. The reply's seed is derived from the session's seed (see the class)
-        unless this call gives one, in `sampling` or `seed=`: that one is used as given.
+        for this reply only; bad ones raise `RGError` here, before anything changes. The reply's
+        seed is derived from the session's seed (see the class) unless this call gives one, in
+        `sampling` or `seed=`: that one is used as given. `prefill_progress` is called as the new
+        tokens go through the model (see `stream_generate`).
 
-        Only the new tokens go through the model. The exchange is recorded once iteration
-        starts; if iteration stops early, the partial reply stays in `history`.
+        Only the new tokens go through the model. The returned generator does the work: nothing
+        happens until it is iterated. The exchange is recorded once iteration starts; if iteration
+        stops early, the partial reply stays in `history`.
         """
         self._close_active()
-        settings = resolve(sampling, overrides, self.settings)
-        if sampling is None and "seed" not in overrides and settings.seed is not None:
-            settings = settings.replace(seed=(settings.seed * 1_000_003 + self._replies) % 2**31)
-        first = not self._exchanges
-        prompt = self.tokenizer.chat_tokens(
-            [{"role": "user", "content": text}], system=self.system if first else None, continuation=not first
-        )
-        stream = stream_generate(
-            self.model, self.tokenizer, self._unfed() + prompt, sampling=settings, cache=self._cache
-        )
-        reply = self._reply(text, prompt, stream)
+        reply = self._exchange(text, self._reply_settings(sampling, overrides), prefill_progress)
         self._active = weakref.ref(reply)
         return reply
 
     def regenerate(
-        self, *, sampling: SamplingConfig | None = None, **overrides: Any
+        self,
+        *,
+        sampling: SamplingConfig | None = None,
+        prefill_progress: PrefillCallback | None = None,
+        **overrides: Any,
     ) -> Iterator[GenerationResponse]:
-        """Drop the last reply and stream a new one to the same user message (settings as in `send`)."""
+        """Stream a new reply to the last user message, in place of the last reply (arguments as in `send`).
+
+        Like `send`, it returns a generator and changes nothing until that is iterated: the last reply
+        is dropped when iteration starts (and put back if the new reply fails before its first token).
+        A regenerate that is never iterated leaves the conversation as it was. Raises `RGError` if the
+        conversation is empty (after `undo` of the only exchange, too).
+        """
         self._close_active()
         if not self._exchanges:
-            raise RGError("nothing to regenerate: send a message first")
-        text = self._messages[-2]["content"]
-        kept = (copy_state(self._cache), list(self._exchanges), list(self._messages), OrderedDict(self._snapshots))
-        self._rewind(len(self._exchanges) - 1)
-        try:
-            return self.send(text, sampling=sampling, **overrides)
-        except RGError:  # bad overrides: keep the conversation as it was
-            state, self._exchanges, self._messages, self._snapshots = kept
-            restore_state(self._cache, state)
-            raise
+            raise RGError("nothing to regenerate: the conversation is empty (send a message first)")
+        reply = self._regenerated(self._reply_settings(sampling, overrides), prefill_progress)
+        self._active = weakref.ref(reply)
+        return reply
 
     def undo(self) -> None:
         """Drop the last exchange (user message and reply)."""
@@ -307,6 +309,43 @@ class ChatSession:
             self._snapshots[k] = state
             while len(self._snapshots) > self.max_snapshots:
                 self._snapshots.popitem(last=False)
+
+    def _reply_settings(self, sampling: SamplingConfig | None, overrides: dict[str, Any]) -> SamplingConfig:
+        """The checked settings of the next reply, its seed derived from the session's (see the class)."""
+        settings = resolve(sampling, overrides, self.settings)
+        settings.check_vocab(self.model.args.vocab_size)
+        if sampling is None and "seed" not in overrides and settings.seed is not None:
+            settings = settings.replace(seed=(settings.seed * 1_000_003 + self._replies) % 2**31)
+        return settings
+
+    def _exchange(
+        self, text: str, settings: SamplingConfig, progress: PrefillCallback | None
+    ) -> Iterator[GenerationResponse]:
+        """The reply to `text` after the conversation so far (runs as it is iterated)."""
+        first = not self._exchanges
+        prompt = self.tokenizer.chat_tokens(
+            [{"role": "user", "content": text}], system=self.system if first else None, continuation=not first
+        )
+        stream = stream_generate(
+            self.model, self.tokenizer, self._unfed() + prompt, sampling=settings, cache=self._cache,
+            prefill_progress=progress,
+        )
+        yield from self._reply(text, prompt, stream)
+
+    def _regenerated(self, settings: SamplingConfig, progress: PrefillCallback | None) -> Iterator[GenerationResponse]:
+        """A new reply in place of the last one (runs as it is iterated; see `regenerate`)."""
+        text = self._messages[-2]["content"]
+        kept = (copy_state(self._cache), list(self._exchanges), list(self._messages), OrderedDict(self._snapshots))
+        self._rewind(len(self._exchanges) - 1)
+        replied = False
+        try:
+            for r in self._exchange(text, settings, progress):
+                replied = True
+                yield r
+        finally:
+            if not replied:  # failed before its first token: the old reply stays
+                state, self._exchanges, self._messages, self._snapshots = kept
+                restore_state(self._cache, state)
 
     def _reply(
         self, text: str, prompt: list[int], stream: Iterator[GenerationResponse]

@@ -10,10 +10,10 @@ more memory than a short one; logits are computed for the last position only.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +25,25 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from mlx_lm.models.cache import ArraysCache
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+"""A prompt: text (`<bos>` added), token ids (used as given), or chat messages (Gemma's chat format)."""
+
+
+class PrefillProgress(NamedTuple):
+    """How far prompt processing has got: `done` of `total` prompt tokens, after `seconds`."""
+
+    done: int
+    total: int
+    seconds: float
+
+    @property
+    def tps(self) -> float:
+        """Prompt tokens per second so far (0 before the first chunk)."""
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+PrefillCallback = Callable[[PrefillProgress], None]
 
 @dataclass
 class GenerationResponse:
@@ -41,7 +60,8 @@ class GenerationResponse:
         prompt_time: seconds to process the prompt (time to the first token).
         generation_tokens: tokens generated so far.
         generation_tps: generated tokens per second.
-        peak_memory: peak memory of the process so far, GB (`mx.get_peak_memory`).
+        peak_memory: the most memory MLX's arrays have held so far, GB (`mx.get_peak_memory`, as in
+            mlx-lm): its allocator's peak, not the process's resident memory (`rg_mlx.memory.rss_bytes`).
         state_bytes: bytes of the fixed-size state (constant once generation started).
     """
 
@@ -74,22 +94,42 @@ def wired_limit(model: nn.Module, streams: list[mx.Stream]):
     return wired_limit(model, streams)
 
 
-def feed(model: nn.Module, tokens: mx.array, cache: list[ArraysCache], step: int = 512) -> mx.array:
+def feed(
+    model: nn.Module,
+    tokens: mx.array,
+    cache: list[ArraysCache],
+    step: int = 512,
+    progress: PrefillCallback | None = None,
+) -> mx.array:
     """Run `tokens` `[B, T]` through the model in chunks of `step`, updating `cache` in place.
 
     Only the state is evaluated after each chunk. Returns the logits `[B, V]` of the last
-    position (lazy).
+    position (lazy, unless `progress` is given).
+
+    `progress`, if given, is called with a `PrefillProgress` before the first chunk (0 done) and
+    after every chunk, the last one included (its logits are then evaluated here, so that the
+    last call comes when the work is done). It runs on the calling thread, between chunks.
     """
     if step < 1:
         raise RGError(f"prefill_step_size={step}: must be >= 1")
-    starts = range(0, tokens.shape[1], step)
+    total = tokens.shape[1]
+    starts = range(0, total, step)
+    tic = time.perf_counter()
+    if progress is not None:
+        progress(PrefillProgress(0, total, 0.0))
     with mx.stream(generation_stream()):
         for start in starts[:-1]:
             model.model(tokens[:, start : start + step], cache)
             eval_state(cache)
             mx.clear_cache()
+            if progress is not None:
+                progress(PrefillProgress(start + step, total, time.perf_counter() - tic))
         hidden = model.model(tokens[:, starts[-1] :], cache)
-        return model.logits(hidden[:, -1, :])
+        logits = model.logits(hidden[:, -1, :])
+    if progress is not None:
+        mx.eval(logits, [c.state for c in cache])
+        progress(PrefillProgress(total, total, time.perf_counter() - tic))
+    return logits
 
 
 def generate_step(
@@ -99,9 +139,11 @@ def generate_step(
     sampling: Sampling,
     max_tokens: int,
     prefill_step_size: int = 512,
+    prefill_progress: PrefillCallback | None = None,
 ) -> Iterator[mx.array]:
     """The token loop under `stream_generate` and `batch_generate`: yields the sampled tokens
-    `[B]` (evaluated) of each step, for `prompt` ids `[B, T]` fed into `cache`.
+    `[B]` (evaluated) of each step, for `prompt` ids `[B, T]` fed into `cache`
+    (`prefill_progress`: see `feed`).
 
     On a GPU the next step is computed while the caller looks at the current token (as in
     mlx-lm); on the CPU that only adds thread hand-offs, so steps run one after the other.
@@ -123,7 +165,7 @@ def generate_step(
         # consumer may resume this generator from another thread (with its own MLX streams).
         return [y, sampling.key, history, [c.state for c in cache]]
 
-    y = sampling(feed(model, prompt, cache, prefill_step_size), history)
+    y = sampling(feed(model, prompt, cache, prefill_step_size, prefill_progress), history)
     if pipeline:
         mx.async_eval(pending(y))
     next_y = None
@@ -147,14 +189,25 @@ def generate_step(
             restore_state(cache, before_last)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
-    """Token ids of a prompt: a string gets `<bos>` first, a list of ids is used as given."""
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, vocab_size: int) -> list[int]:
+    """Token ids of a prompt: a string gets `<bos>` first, a list of ids is used as given, and a list
+    of chat messages (`{"role", "content"}` dicts; a leading "system" message is folded into the first
+    user turn) is put in Gemma's chat format by `Tokenizer.chat_tokens`, ending where the model replies."""
     if isinstance(prompt, str):
+        if not prompt:
+            raise RGError("empty prompt: give some text, token ids or chat messages")
         ids = tokenizer.encode(prompt)
+    elif len(prompt) > 0 and isinstance(prompt[0], Mapping):
+        messages, system = list(prompt), None
+        if messages[0].get("role") == "system":
+            system, messages = str(messages[0].get("content", "")), messages[1:]
+        if not messages:
+            raise RGError("chat prompt: a system message needs a user message after it")
+        ids = tokenizer.chat_tokens(messages, system=system)
     else:
         ids = [int(t) for t in prompt]
     if not ids:
-        raise RGError("empty prompt: give some text or token ids")
+        raise RGError("empty prompt: give some text, token ids or chat messages")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise RGError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
@@ -198,12 +251,14 @@ def _stream(
     cache: list[ArraysCache],
     sampling: Sampling,
     prefill_step_size: int,
+    prefill_progress: PrefillCallback | None,
 ) -> Iterator[GenerationResponse]:
     max_tokens = sampling.config.max_tokens
     text_stream = _TextStream(tokenizer, sampling.config.stop)
     tic = time.perf_counter()
     prompt_time = prompt_tps = 0.0
-    steps = generate_step(model, mx.array([ids], dtype=mx.int32), cache, sampling, max_tokens, prefill_step_size)
+    prompt = mx.array([ids], dtype=mx.int32)
+    steps = generate_step(model, prompt, cache, sampling, max_tokens, prefill_step_size, prefill_progress)
     with wired_limit(model, [generation_stream()]):
         try:
             for n, y in enumerate(steps, start=1):
@@ -236,11 +291,12 @@ def _stream(
 def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     sampling: SamplingConfig | None = None,
     cache: list[ArraysCache] | None = None,
     prefill_step_size: int = 512,
+    prefill_progress: PrefillCallback | None = None,
     **settings: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate text for `prompt`, one `GenerationResponse` per token.
@@ -248,12 +304,18 @@ def stream_generate(
     Args:
         model: a model from `rg_mlx.load` / `rg_mlx.load_model`.
         tokenizer: its `Tokenizer`.
-        prompt: text (`<bos>` is added) or token ids (used as given).
+        prompt: text, used as it is (`<bos>` is added; no chat format, as in mlx-lm's
+            `stream_generate`); token ids, used as given; or chat messages
+            (`[{"role": "user", "content": "Hi"}]`, optionally a "system" message first), put in
+            Gemma's chat format (`Tokenizer.chat_tokens`) for instruction-tuned models.
         sampling: the sampling settings and limits (`max_tokens`, `stop`, `seed`, ...); default
             `SamplingConfig()`: greedy, 256 tokens.
         cache: a state to continue from (`model.make_cache()`), updated in place; when
             generation ends it holds the prompt and every generated token but the last.
         prefill_step_size: prompt tokens processed per chunk.
+        prefill_progress: called with a `PrefillProgress` (tokens done, total, seconds) before
+            the prompt's first chunk and after each chunk, so a caller can show how far a long
+            prompt has got; it runs on the generating thread.
         **settings: a convenience: fields of `SamplingConfig` (`max_tokens=20, temperature=0.8,
             seed=0`) that replace those of `sampling`; the same tokens as passing the config.
 
@@ -272,10 +334,11 @@ def stream_generate(
         model.make_cache() if cache is None else cache,
         Sampling(config, vocab_size=vocab_size),
         prefill_step_size,
+        prefill_progress,
     )
 
 
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs: Any) -> str:
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> str:
     """The whole generated text; takes the arguments of `stream_generate` (a `sampling` config, or its fields)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
@@ -292,7 +355,7 @@ def left_padded(model: nn.Module, rows: Sequence[Sequence[int]], pad_id: int = 0
 def batch_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
-    prompts: Sequence[str | Sequence[int]],
+    prompts: Sequence[Prompt],
     *,
     sampling: SamplingConfig | None = None,
     prefill_step_size: int = 512,

@@ -1,4 +1,4 @@
-"""Process memory and byte counts for people: the one place that reads RSS and formats sizes."""
+"""Process memory and sizes for people: the one place that reads RSS and formats byte and parameter counts."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ def human_bytes(n: int | float, unit: str | None = None) -> str:
     if unit == "B":
         return f"{size:.0f} B"
     return f"{size:.1f} {unit}" if abs(size) >= 1 else f"{size:.3f} {unit}"
+
+
+def human_count(n: int | float) -> str:
+    """A count (of parameters, say) for people, to three digits: `950`, `12.3K`, `2.93M`, `1.03B`."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.{2 if abs(value) < 10 else 1 if abs(value) < 100 else 0}f}{suffix}"
+    return f"{n:.0f}"

@@ -92,3 +92,23 @@ def write_tiny_model(folder: Path, tokenizer_path: Path | None = None, *, vocab_
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> Path:
     """A tiny random model folder with the tiny tokenizer (vocab 400, window 16)."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_path)
+
+
+@pytest.fixture
+def slow_prefill(monkeypatch):
+    """Every `ChatSession.send` pauses 0.3 s after each prefill progress call, so that a front end following
+    the reply sees each one (progress that comes faster than it reads is merged)."""
+    import time
+
+    from rg_mlx.chat import ChatSession
+
+    send = ChatSession.send
+
+    def slow_send(self, text, *, prefill_progress=None, **kwargs):
+        def progress(p):
+            prefill_progress(p)
+            time.sleep(0.3)
+
+        return send(self, text, prefill_progress=progress, **kwargs)
+
+    monkeypatch.setattr(ChatSession, "send", slow_send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -115,6 +116,7 @@ def test_streams_in_chunks_then_stats(served, client):
     assert history(chatbot)[0] == {"role": "user", "content": PROMPT}
     for part in ("100 tokens", "tok/s", "first token", "prompt ", "MiB** (fixed)", "tokens in this chat"):
         assert part in stats
+    latency, memory = latency["value"], memory["value"]  # plot updates: the data and the y axis's range
     assert len(latency["data"]) == 99 and len(memory["data"]) == 99  # one point per token after the first
     assert all(row[1] > 0 for row in memory["data"])
 
@@ -199,7 +201,7 @@ def test_two_clients_queue_fairly_and_do_not_mix(served):
     second_outputs = list(short_job)
     long_job.result()
     waiting = [o[2] for o in second_outputs if isinstance(o[2], str) and "ahead of you" in o[2]]
-    assert waiting and waiting[0] == "⏳ waiting: 1 ahead of you"
+    assert waiting and waiting[0] == "waiting: 1 ahead of you"
 
     one = reference(app, [(PROMPT, overrides(max_tokens=60, seed=1))])
     two = reference(app, [("The quick brown fox", overrides(seed=2))])
@@ -378,3 +380,34 @@ def test_nothing_leaves_127_0_0_1(served, connections, client):
     client.predict(PROMPT, "", *ui(max_tokens=4), api_name="/send")
     assert connections, "the socket guard saw no connection at all"
     assert {address[0] for address in connections} == {"127.0.0.1"}
+
+
+def test_status_line_while_reading_a_long_message(served, client, slow_prefill):
+    message = "The quick brown fox jumps over the lazy dog. " * 30
+    total = len(served[0].tokenizer.chat_tokens([{"role": "user", "content": message}]))
+    outputs = list(client.submit(message, "", *ui(max_tokens=4), api_name="/send"))
+    reading = [o[2] for o in outputs if o[2].startswith("reading your message")]
+    assert reading[0] == "reading your message…"
+    assert f"reading your message: 0 / {total:,} tokens" in reading
+    assert any(re.fullmatch(f"reading your message: 512 / {total:,} tokens · [\\d,]+ tok/s", s) for s in reading)
+    assert "4 tokens" in outputs[-1][2]  # then the reply's stats
+
+
+def test_retry_that_gives_the_same_reply_says_why(served, capsys):
+    from types import SimpleNamespace
+
+    from rg_mlx.app.server import SAME_REPLY
+
+    app = served[0]
+    request = SimpleNamespace(session_hash="same-reply")  # outside Gradio, gr.Info prints its message
+    for _ in app.send(request, PROMPT, "", *ui(temperature=0, max_tokens=6)):
+        pass
+    replies = [app.sessions[request.session_hash].view().messages[-1]["content"]]
+    for seed in (1, 2):  # greedy: the same reply again; sampled with another seed: a new one
+        capsys.readouterr()
+        for _ in app.retry(request, *ui(temperature=0 if seed == 1 else 1.5, seed=seed, max_tokens=6)):
+            pass
+        replies.append(app.sessions[request.session_hash].view().messages[-1]["content"])
+        assert (SAME_REPLY in capsys.readouterr().out) == (replies[-1] == replies[-2]), replies
+    assert replies[0] == replies[1] != replies[2]
+    app.close_session(request)

@@ -193,7 +193,9 @@ def test_peers_not_installed_are_skipped_with_a_note(monkeypatch):
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     kept, notes = speed.installed(["rg_mlx", "hf-float32", "mlx-lm", "hf-bfloat16"])
     assert kept == ["rg_mlx", "mlx-lm"]
-    assert notes == ["transformers not installed: skipping hf-float32, hf-bfloat16 (pip install 'rg-mlx[dev]')"]
+    assert notes == [
+        "transformers not installed: skipping hf-float32, hf-bfloat16 (pip install -e '.[dev]' in the rg-mlx clone)"
+    ]
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert speed.installed(["rg_mlx", "hf-float32"]) == (["rg_mlx", "hf-float32"], [])
 

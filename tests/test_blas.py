@@ -88,7 +88,7 @@ def test_off_uses_mlx_reference_blas():
     assert "mkl" not in provider and "openblas" not in provider
 
 
-@pytest.mark.skipif(not have_mkl(), reason="MKL not installed (pip install 'rg-mlx[mkl]')")
+@pytest.mark.skipif(not have_mkl(), reason="MKL not installed (pip install -e '.[mkl]' in the rg-mlx clone)")
 def test_mkl_is_what_mlx_calls():
     result, debug = run_probe("mkl")
     assert result["active"].startswith("mkl ")

@@ -152,6 +152,71 @@ def test_regenerate(loaded):
     assert replies[0][0] != replies[0][1]
 
 
+def test_regenerate_changes_nothing_until_iterated(loaded, tmp_path):
+    """`regenerate()` and `send()` return generators: a reply that is never iterated leaves the conversation,
+    and what `save` writes, as it was."""
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=8)
+    first = chat(session, MESSAGES[0])
+    history, tokens, state = session.history, session.tokens, state_arrays(session)
+    session.regenerate()  # not iterated
+    session.send("Never sent")  # not iterated either (and it closes the regenerate)
+    assert session.history == history and session.tokens == tokens
+    session.save(tmp_path / "talk.safetensors")
+    restored = ChatSession.load(tmp_path / "talk.safetensors", model, tokenizer)
+    assert restored.history == history
+    assert history == [{"role": "user", "content": MESSAGES[0]}, {"role": "assistant", "content": first}]
+    for x, y in zip(state, state_arrays(restored), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    # Iterated, it replaces the reply (greedy: the same one).
+    assert "".join(r.text for r in session.regenerate()) == first and session.history == history
+
+
+def test_regenerate_that_fails_before_its_first_token_keeps_the_old_reply(loaded, monkeypatch):
+    import rg_mlx.chat
+
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=8)
+    chat(session, MESSAGES[0])
+    history, tokens, state = session.history, session.tokens, state_arrays(session)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model failed")
+        yield
+
+    monkeypatch.setattr(rg_mlx.chat, "stream_generate", broken)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        list(session.regenerate())
+    assert session.history == history and session.tokens == tokens
+    for x, y in zip(state, state_arrays(session), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_regenerate_after_undoing_the_only_exchange_says_why(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=4)
+    with pytest.raises(RGError, match="nothing to regenerate: the conversation is empty"):
+        session.regenerate()
+    chat(session, MESSAGES[0])
+    session.undo()
+    with pytest.raises(RGError, match="nothing to regenerate: the conversation is empty"):
+        session.regenerate()
+
+
+def test_prefill_progress_covers_the_new_tokens(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=4)
+    calls = []
+    reply = session.send(MESSAGES[0], prefill_progress=calls.append)
+    assert calls == []  # nothing until iterated
+    list(reply)
+    new = len(tokenizer.chat_tokens([{"role": "user", "content": MESSAGES[0]}]))
+    assert [(c.done, c.total) for c in calls] == [(0, new), (new, new)]
+    calls.clear()
+    list(session.regenerate(prefill_progress=calls.append))
+    assert [(c.done, c.total) for c in calls] == [(0, new), (new, new)]
+
+
 def test_save_and_load_continue_identically(loaded, tmp_path, tiny_tokenizer_path):
     model, tokenizer = loaded
     a = ChatSession(model, tokenizer, system="sys", max_tokens=12, temperature=1.0, seed=11)

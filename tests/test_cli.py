@@ -33,7 +33,9 @@ def test_generate_streams_text_and_prints_stats(tiny_model_dir, loaded):
     assert out.stdout == generate(model, tokenizer, "Hello world", max_tokens=12) + "\n"
     stats = out.stderr.strip().splitlines()[-1]
     prompt_tokens = len(tokenizer.encode("Hello world"))
-    for part in (f"prompt: {prompt_tokens} tokens", "tok/s", "generation: ", "peak memory: ", "GB", "state: ", "KiB"):
+    # A model without a chat template gets the prompt as it is; the memory is named: RSS, then MLX's peak.
+    for part in (f"prompt: {prompt_tokens} tokens (raw)", "tok/s", "generation: ", "memory: RSS ", "MiB, MLX peak ",
+                 "state: ", "KiB"):
         assert part in stats
 
 
@@ -80,7 +82,7 @@ def test_chat_session_through_stdin(tiny_model_dir, loaded, tmp_path):
     assert out.stdout.endswith(f"user: Hello!\nassistant: {reply}\n")
     err = out.stderr
     stats = [line for line in err.splitlines() if line.startswith("[") and "tok/s" in line]
-    assert len(stats) == 3 and all("state " in line and "GB" in line for line in stats)  # after each reply
+    assert len(stats) == 3 and all("state " in line and "| RSS " in line and "MLX peak " in line for line in stats)
     assert "/undo" in err  # help
     assert "[undone; 1 exchanges left]" in err
     assert f"[saved to {saved}]" in err and saved.is_file()
@@ -127,7 +129,9 @@ def test_bad_sampling_flags_exit_2_with_one_line_before_loading(command, monkeyp
     argv = [command, "--model", str(tmp_path / "no-such-model")] + (["--prompt", "hi"] if command == "generate" else [])
     extra = [(["--max-snapshots", "-1"], "--max-snapshots -1: must be >= 0")] if command == "chat" else [
         (["--prefill-step-size", "0"], "--prefill-step-size 0: must be >= 1"),
-        (["--system", "x"], "--system needs --chat"),
+        (["--system", "x", "--raw"], "--system needs the chat format: drop --raw"),
+        (["--prompt", ""], "--prompt '': the prompt is empty (give some text)"),
+        (["--prompt", " \n "], "--prompt ' \\n ': the prompt is empty (give some text)"),
     ]
     for flags, message in BAD_FLAGS + extra:
         with pytest.raises(SystemExit) as e:
@@ -196,3 +200,67 @@ def test_import_and_help_do_not_load_mlx_lm():
         "assert 'mlx_lm' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with the tokenizer files of an instruction-tuned model (Gemma's chat template)."""
+    import json
+    import shutil
+
+    from rg_mlx import Tokenizer
+
+    folder = tmp_path_factory.mktemp("chat") / "tiny-it"
+    shutil.copytree(tiny_model_dir, folder)
+    for name, content in Tokenizer(folder).hf_files(chat=True).items():
+        (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+def test_generate_uses_the_chat_template_by_default_on_a_chat_model(chat_model_dir, capsys):
+    model, tokenizer = load(chat_model_dir)
+    assert tokenizer.is_chat_model
+    prompt = "What is Griffin?"
+    chat_ids = tokenizer.chat_tokens([{"role": "user", "content": prompt}])
+    argv = ["generate", "--model", str(chat_model_dir), "--prompt", prompt, "-m", "6"]
+    runs = {
+        (): (chat_ids, "chat template"),
+        ("--chat",): (chat_ids, "chat template"),
+        ("--raw",): (tokenizer.encode(prompt), "raw"),
+        ("--ignore-chat-template",): (tokenizer.encode(prompt), "raw"),  # mlx-lm's spelling
+    }
+    for flags, (ids, form) in runs.items():
+        assert main(argv + list(flags)) == 0
+        out = capsys.readouterr()
+        assert out.out == generate(model, tokenizer, ids, max_tokens=6) + "\n", flags
+        assert f"prompt: {len(ids)} tokens ({form})" in out.err.splitlines()[-1], flags
+    # --system applies to the chat format, the default here.
+    assert main(argv + ["--system", "Be brief."]) == 0
+    ids = tokenizer.chat_tokens([{"role": "user", "content": prompt}], system="Be brief.")
+    assert capsys.readouterr().out == generate(model, tokenizer, ids, max_tokens=6) + "\n"
+
+
+def test_generate_keeps_a_base_model_raw_and_refuses_system_without_chat(tiny_model_dir, capsys):
+    # A model without a chat template (a pretrained checkpoint) continues the text as given.
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hello world", "-m", "4"]) == 0
+    assert "(raw)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hello", "--system", "Be brief."])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"rg-mlx generate: error: --system needs the chat format: {tiny_model_dir} has no chat template; "
+                   "add --chat to use Gemma's")
+
+
+def test_empty_prompt_from_stdin_fails_before_loading(monkeypatch, capsys, tmp_path):
+    import rg_mlx
+
+    monkeypatch.setattr(rg_mlx, "load", lambda *a, **k: pytest.fail("the model was loaded for an empty prompt"))
+    for stdin in ("", "  \n\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(tmp_path), "--prompt", "-"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "rg-mlx generate: error: --prompt '-': the prompt is empty (nothing came on stdin)"
+        ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -18,6 +19,8 @@ from rg_mlx import Model, ModelArgs, RGError, load_model
 from rg_mlx.cli import main as cli_main
 from rg_mlx.convert import convert
 from rg_mlx.convert.write import WeightsWriter
+from rg_mlx.memory import human_bytes, human_count
+from rg_mlx.quant import DEFAULTS, MODES, QuantSpec
 
 from conftest import train_tiny_tokenizer
 from reference import dm_to_hf, hf_config, reference_logits, reference_model, save_hf_folder
@@ -105,6 +108,9 @@ def test_folder_contents(deepmind, tmp_path, tiny_tokenizer_path):
     assert (out / "tokenizer.model").read_bytes() == tiny_tokenizer_path.read_bytes()
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: mlx" in card and "rg_mlx.load" in card
+    # rg-mlx is on no package index: the card says how to install it from its repository.
+    assert "pip install -e ." in card and "not published on PyPI" in card and "pip install rg-mlx" not in card
+    assert "pretrained (base) model" in card  # no chat template here
     # Normalised config: one spelling, with the keys mlx-lm's ModelArgs requires.
     config = json.loads((out / "config.json").read_text())
     assert "rope_parameters" not in config and "_block_types" not in config
@@ -243,6 +249,10 @@ def test_quantized_8_and_4_bit(trained_like, tmp_path, capsys):
         size = (out / "model.safetensors").stat().st_size
         assert f"bits/weight  {bpw:.3f}" in summary and f"({size:,} bytes" in summary
         assert f"({float_params:,})" in summary
+        # Sizes people can read, also for a model this small (not "0.000 B" parameters and "0.00 GiB").
+        assert f"parameters   {human_count(float_params)} ({float_params:,})" in summary
+        assert f"size on disk {human_bytes(size)} ({size:,} bytes, 1 shard)" in summary
+        assert human_count(float_params).endswith("K") and human_bytes(size).endswith("KiB")
 
         model = load_model(out, dtype="float32")
         agreement[bits] = (np.array(model(mx.array(tokens, dtype=mx.int32))).argmax(-1) == full).mean()
@@ -451,6 +461,27 @@ def test_cli_reports_errors_in_one_line(deepmind, tmp_path, capsys):
     assert cli_main(argv) == 0
     assert "dtype        bfloat16" in capsys.readouterr().out
     assert mx.load(str(tmp_path / "out" / "model.safetensors"))["model.embed_tokens.weight"].dtype == mx.bfloat16
+
+
+def test_help_lists_the_quantization_the_converter_accepts(capsys):
+    """`convert --help` names, per mode, exactly the bits and group sizes the converter accepts."""
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, index in (("--q-bits", 0), ("--q-group-size", 1)):
+        listed = re.search(re.escape(flag) + r" Q_\w+ .*?by mode: (.*?) \(default", help_text).group(1)
+        per_mode = dict(part.split(" ") for part in listed.split("; "))
+        assert set(per_mode) == set(MODES)
+        for mode, values in per_mode.items():
+            accepted = []
+            for n in range(1, 257):
+                bits, group_size = (n, DEFAULTS[mode][1]) if index == 0 else (DEFAULTS[mode][0], n)
+                try:
+                    QuantSpec(mode, bits, group_size)
+                    accepted.append(n)
+                except RGError:
+                    pass
+            assert [int(v) for v in values.split("|")] == accepted, (flag, mode)
 
 
 def test_cli_rejects_bad_quantization_flags_before_reading(tmp_path, capsys):

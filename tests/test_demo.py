@@ -210,7 +210,7 @@ def test_chat_without_model_uses_the_demo():
     """`rg-mlx chat` with no --model answers offline, and says it is the bundled demo."""
     result = _cli("chat", stdin="How is rg_mlx installed?\n/quit\n")
     assert result.returncode == 0, result.stderr
-    assert "pip install rg-mlx" in result.stdout
+    assert "pip install -e ." in result.stdout and "not on PyPI" in result.stdout  # from a clone
     assert "bundled demo" in result.stderr and "rg-mlx convert" in result.stderr
 
 
@@ -219,6 +219,16 @@ def test_generate_without_model_uses_the_demo():
     assert result.returncode == 0, result.stderr
     assert "--q-bits 8" in result.stdout
     assert "bundled demo" in result.stderr
+
+
+def test_generate_answers_a_plain_prompt_in_the_chat_format():
+    """The first command many people type: no flags. The demo has a chat template, so the prompt is a user turn."""
+    result = _cli("generate", "--prompt", "How do I quantize a model?")
+    assert result.returncode == 0, result.stderr
+    assert "rg-mlx convert google/recurrentgemma-2b-it rg-2b-4bit -q" in result.stdout
+    assert "(chat template)" in result.stderr.splitlines()[-1]
+    raw = _cli("generate", "--raw", "--prompt", "How do I quantize a model?", "-m", "8")
+    assert raw.returncode == 0 and "(raw)" in raw.stderr.splitlines()[-1]
 
 
 def test_app_without_model_serves_the_demo():

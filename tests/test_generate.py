@@ -270,6 +270,12 @@ def test_bad_arguments(reference):
             stream_generate(model, tokenizer, "Hello", **kwargs)
     with pytest.raises(RGError, match="empty prompt"):
         generate(model, tokenizer, [])
+    with pytest.raises(RGError, match="empty prompt"):  # not a generation from <bos> alone
+        generate(model, tokenizer, "")
+    with pytest.raises(RGError, match="needs a user message"):
+        generate(model, tokenizer, [{"role": "system", "content": "Be brief."}])
+    with pytest.raises(RGError, match="roles must alternate"):
+        generate(model, tokenizer, [{"role": "assistant", "content": "Hi"}])
     with pytest.raises(RGError, match="outside the vocabulary"):
         generate(model, tokenizer, [2, 400])
 
@@ -293,3 +299,40 @@ def test_load_errors(tmp_path, tiny_model_dir):
     (folder / "tokenizer.model").unlink()
     with pytest.raises(RGError, match="no tokenizer.model"):
         load(folder)
+
+
+def test_chat_messages_prompt_is_the_chat_format(reference):
+    """Text stays raw (as in mlx-lm); chat messages are put in Gemma's format by `Tokenizer.chat_tokens`,
+    a leading system message folded in as `system=` does."""
+    _, model, tokenizer = reference
+    messages = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": "What is Griffin?"}]
+    ids = tokenizer.chat_tokens(messages, system="Be brief.")
+    with_system = [{"role": "system", "content": "Be brief."}] + messages
+    responses = list(stream_generate(model, tokenizer, with_system, max_tokens=8))
+    assert responses[-1].prompt_tokens == len(ids)
+    assert "".join(r.text for r in responses) == generate(model, tokenizer, ids, max_tokens=8)
+    assert generate(model, tokenizer, messages[:1], max_tokens=8) == generate(
+        model, tokenizer, tokenizer.chat_tokens(messages[:1]), max_tokens=8)
+    assert list(stream_generate(model, tokenizer, "Hello!", max_tokens=1))[0].prompt_tokens == len(
+        tokenizer.encode("Hello!"))
+    assert batch_generate(model, tokenizer, [with_system, "Hello"], max_tokens=6) == [
+        generate(model, tokenizer, ids, max_tokens=6), generate(model, tokenizer, "Hello", max_tokens=6)]
+
+
+def test_prefill_progress_reports_every_chunk(reference):
+    """`prefill_progress` is called before the first chunk and after each one, the last when the prompt is done,
+    and changes nothing in what is generated."""
+    _, model, tokenizer = reference
+    ids = [tokenizer.bos_id] + [int(t) for t in np.random.default_rng(0).integers(4, 400, 45)]
+    calls = []
+    with_progress = generate(model, tokenizer, ids, max_tokens=6, prefill_step_size=16, prefill_progress=calls.append)
+    assert with_progress == generate(model, tokenizer, ids, max_tokens=6, prefill_step_size=16)
+    assert [(c.done, c.total) for c in calls] == [(0, 46), (16, 46), (32, 46), (46, 46)]
+    assert calls[0].seconds == 0 and calls[0].tps == 0
+    assert all(a.seconds <= b.seconds for a, b in zip(calls, calls[1:])) and calls[-1].tps > 0
+    # A prompt of one chunk: the start and the end.
+    calls.clear()
+    generate(model, tokenizer, "Hello", max_tokens=2, prefill_progress=calls.append)
+    n = len(tokenizer.encode("Hello"))
+    assert [(c.done, c.total) for c in calls] == [(0, n), (n, n)]

@@ -49,7 +49,7 @@ def finish(service: ChatService, reply) -> str:
     """Follow a reply to its end; the text it streamed."""
     text = ""
     for progress in service.follow(reply, update_every=0):
-        assert progress.response is not None or progress.ahead > 0
+        assert progress.response is not None or progress.ahead > 0 or progress.prefill is not None
         text = progress.text
     return text
 
@@ -69,8 +69,8 @@ def test_two_sessions_share_the_worker_in_turn(service):
         service.worker.cancel_job(running.job)  # Stop for a only
     running.job.done.wait(10)
     assert running.job.cancelled.is_set() and not waiting.job.cancelled.is_set()
-    for progress in follow_b:  # b runs once a stopped
-        assert progress.response is not None
+    for progress in follow_b:  # b runs once a stopped: it reads its message, then generates
+        assert progress.response is not None or progress.prefill is not None
     assert waiting.job.done.is_set() and waiting.job.error is None and waiting.job.items == 12
 
     # Each has its own conversation: b's equals a plain session's; a kept its partial reply.
@@ -194,3 +194,22 @@ def test_without_a_model():
         assert len(service.sessions) == 0
     finally:
         service.close()
+
+
+LONG_MESSAGE = "The quick brown fox jumps over the lazy dog. " * 30  # over 512 tokens: two prefill chunks
+
+
+def test_follow_reports_how_far_the_prompt_has_been_read(service, slow_prefill):
+    session = service.session("reader")
+    reply = service.send(session, LONG_MESSAGE, SHORT)
+    progress = list(service.follow(reply, update_every=0))
+    tokenizer = service.models.tokenizer
+    total = len(tokenizer.chat_tokens([{"role": "user", "content": LONG_MESSAGE}]))
+    assert total > 512
+    reading = [p for p in progress if p.prefill is not None]
+    assert [(p.prefill.done, p.prefill.total) for p in reading] == [(d, total) for d in range(0, total, 512)] + [
+        (total, total)]
+    first_token = next(i for i, p in enumerate(progress) if p.response is not None)
+    assert all(p.response is None and p.text == "" for p in progress[:first_token])  # reading comes first
+    assert progress.index(reading[-1]) < first_token and reading[-1].prefill.tps > 0
+    assert session.view().messages[-1]["content"].startswith(progress[-1].text)

@@ -55,6 +55,8 @@ def test_folder_has_the_hugging_face_tokenizer_files(converted):
     tok = Tokenizer(converted)
     assert json.loads((converted / "config.json").read_text())["eos_token_id"] == [tok.eos_id, tok.end_of_turn_id]
     assert tok.is_chat_model
+    card = (converted / "README.md").read_text()  # shows the chat format: messages in Python
+    assert 'rg_mlx.generate(model, tokenizer, [{"role": "user", "content": "Why is the sky blue?"}])' in card
 
 
 def test_rg_mlx_mlx_lm_and_transformers_tokenize_alike(converted):
@@ -80,13 +82,19 @@ def _prompt_tokens(pattern: str, text: str) -> int:
     return int(match.group(1))
 
 
-@pytest.mark.parametrize("chat", [True, False])
-def test_mlx_lm_generate_reads_the_prompt_as_rg_mlx_does(converted, chat):
+# rg-mlx generate's flags -> (mlx_lm.generate's flags, whether the chat template applies). With no flag both
+# apply the chat template of a chat model (this one is instruction-tuned).
+FORMS = {"": ([], True), "--chat": ([], True), "--raw": (["--ignore-chat-template"], False)}
+
+
+@pytest.mark.parametrize("flag", ["", "--chat", "--raw"])
+def test_mlx_lm_generate_reads_the_prompt_as_rg_mlx_does(converted, flag):
     prompt = "What is Griffin?"
+    theirs_flags, chat = FORMS[flag]
     mlx_lm = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(converted), "--prompt", prompt,
-              "--max-tokens", "2"] + ([] if chat else ["--ignore-chat-template"])
+              "--max-tokens", "2"] + theirs_flags
     ours = [sys.executable, "-m", "rg_mlx", "generate", "--model", str(converted), "--prompt", prompt,
-            "-m", "2"] + (["--chat"] if chat else [])
+            "-m", "2"] + ([flag] if flag else [])
     theirs = subprocess.run(mlx_lm, capture_output=True, text=True, timeout=300)
     assert theirs.returncode == 0, theirs.stderr
     mine = subprocess.run(ours, capture_output=True, text=True, timeout=300)

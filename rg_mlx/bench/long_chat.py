@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"- the long chat's mean over the fresh chat's: {a:.3f} -> {b:.3f} ({100 * change:+.1f}%)")
     print(f"State bytes: {', '.join(str(b) for b in s['state_bytes'])}")
     if importlib.util.find_spec("matplotlib") is None:
-        print("note: matplotlib not installed: no plot (pip install 'rg-mlx[dev]')", file=sys.stderr)
+        print("note: matplotlib not installed: no plot (pip install -e '.[dev]' in the rg-mlx clone)", file=sys.stderr)
     else:
         plot(samples, args.memory_plot, f"rg_mlx, one chat of {samples[-1]['tokens']} generated tokens")
         print(f"Plot: {args.memory_plot}")

@@ -428,7 +428,7 @@ def installed(runtimes: list[str]) -> tuple[list[str], list[str]]:
             skipped.setdefault(missing, []).append(runtime)
         else:
             kept.append(runtime)
-    notes = [f"{' and '.join(m)} not installed: skipping {', '.join(r)} (pip install 'rg-mlx[dev]')"
+    notes = [f"{' and '.join(m)} not installed: skipping {', '.join(r)} (pip install -e '.[dev]' in the rg-mlx clone)"
              for m, r in skipped.items()]
     return kept, notes
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from ..memory import human_bytes
+from ..memory import human_bytes, rss_bytes
 from ..sampling import SETTINGS, SamplingConfig, SamplingError
+
+if TYPE_CHECKING:
+    from ..generate import GenerationResponse, PrefillProgress
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,10 +98,59 @@ def _sampling_flag_error(args: argparse.Namespace, e: SamplingError) -> NoReturn
     flag_error(args, f"{'/'.join(SETTINGS[e.name].flags)} {e.value if given is None else given}: {e.reason}")
 
 
-def stats_line(r) -> str:
-    """One line of generation statistics from the last `GenerationResponse`."""
+def memory_text(r: GenerationResponse) -> str:
+    """The process's resident memory now (what the OS counts) and MLX's allocator peak (what MLX's
+    arrays used at most), named as such: `RSS 290.1 MiB, MLX peak 16.2 MiB`."""
+    return f"RSS {human_bytes(rss_bytes())}, MLX peak {human_bytes(r.peak_memory * 1e9)}"
+
+
+def stats_line(r: GenerationResponse, prompt_format: str) -> str:
+    """One line of generation statistics from the last `GenerationResponse`; `prompt_format` says how
+    the prompt was given to the model (`chat template`, `raw`)."""
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+        f"prompt: {r.prompt_tokens} tokens ({prompt_format}), {r.prompt_tps:.1f} tok/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-        f"peak memory: {r.peak_memory:.3f} GB | state: {human_bytes(r.state_bytes)}"
+        f"memory: {memory_text(r)} | state: {human_bytes(r.state_bytes)}"
     )
+
+
+class PrefillBar:
+    """A progress bar on a terminal for a long prompt: pass it as `prefill_progress`.
+
+    Drawn on `stream` (stderr) only when that is a terminal, and only once the prompt has taken
+    longer than `after` seconds; erased when the prompt is done (or by `clear`), so the reply starts
+    on a clean line.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, after: float = 1.0, width: int = 24):
+        self.stream = stream or sys.stderr
+        self.after = after
+        self.width = width
+        self.enabled = self.stream.isatty()
+        self.shown = False
+
+    def __call__(self, p: PrefillProgress) -> None:
+        if not self.enabled:
+            return
+        if p.done >= p.total:
+            self.clear()
+        elif p.seconds >= self.after:
+            self.stream.write("\r\x1b[2K" + self.text(p))
+            self.stream.flush()
+            self.shown = True
+
+    def text(self, p: PrefillProgress) -> str:
+        """The bar's line: `reading the prompt [#####.....] 12,000 / 30,000 tokens · 420 tok/s · 43 s left`."""
+        filled = round(self.width * p.done / max(p.total, 1))
+        left = f" · {(p.total - p.done) / p.tps:.0f} s left" if p.tps > 0 else ""
+        return (
+            f"reading the prompt [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{p.done:,} / {p.total:,} tokens · {p.tps:,.0f} tok/s{left}"
+        )
+
+    def clear(self) -> None:
+        """Erase the bar if it is shown."""
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self.shown = False

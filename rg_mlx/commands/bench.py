@@ -1,6 +1,6 @@
 """`rg-mlx bench`: speed and memory against mlx-lm and Hugging Face transformers (`rg_mlx.bench`).
 
-The Hugging Face peer needs the `dev` extra (`pip install 'rg-mlx[dev]'`); without it that peer is
+The Hugging Face peer needs the `dev` extra (`pip install -e '.[dev]'` in the rg-mlx clone); without it that peer is
 skipped with a note.
 """
 

@@ -235,8 +235,8 @@ TOPICS: list[Topic] = [
     # --- installing ---
     _t(
         "install",
-        "Run `pip install rg-mlx`. It brings MLX (the CPU build on Linux, Metal on a Mac), mlx-lm, sentencepiece and gradio. Then try `rg-mlx chat`.",
-        "pip install rg-mlx",
+        "rg_mlx is not on PyPI yet: clone the repository and run `pip install -e .` in it. That brings MLX (the CPU build on Linux, Metal on a Mac), mlx-lm, sentencepiece and gradio. Then try `rg-mlx chat`.",
+        "pip install -e .`",
         tasks=["install rg_mlx", "install rg-mlx", "set up rg_mlx", "get rg_mlx installed", "install this package", "install the library"],
         questions=["What is the pip command for rg_mlx?", "Installation?", "How is rg_mlx installed?", "Which package do I pip install?"],
         held_out_tasks=["get rg-mlx onto my computer", "put rg_mlx on my machine"],
@@ -277,8 +277,8 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "blas",
-        "Install `pip install 'rg-mlx[mkl]'` (or Debian's OpenBLAS). On Linux rg_mlx loads it before MLX, so matrix products run many times faster. `rg-mlx --version` shows the BLAS; RG_MLX_BLAS=off turns it off.",
-        "rg-mlx[mkl]",
+        "Run `pip install -e \".[mkl]\"` in your clone (or install Debian's OpenBLAS). On Linux rg_mlx loads it before MLX, so matrix products run many times faster. `rg-mlx --version` shows the BLAS; RG_MLX_BLAS=off turns it off.",
+        'pip install -e ".[mkl]"',
         tasks=["make rg_mlx faster on Linux", "speed up the CPU", "use MKL", "enable the Linux fast path", "use a faster BLAS"],
         questions=["What is the Linux fast path?", "What does RG_MLX_BLAS do?", "Why is MLX slow on Linux?", "Which BLAS does rg_mlx use?"],
         held_out_tasks=["make matrix multiplication quicker on Linux", "get more speed on an Intel CPU"],
@@ -309,7 +309,7 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "convert_pt",
-        "Install torch with `pip install 'rg-mlx[torch]'`, then run `rg-mlx convert 2b-it.pt rg-2b-it --tokenizer tokenizer.model`. The config is read from the tensor shapes.",
+        "Install torch with `pip install -e \".[torch]\"` in your clone, then run `rg-mlx convert 2b-it.pt rg-2b-it --tokenizer tokenizer.model`. The config is read from the tensor shapes.",
         "rg-mlx convert 2b-it.pt",
         tasks=[
             "convert a DeepMind .pt checkpoint", "convert the Kaggle PyTorch checkpoint", "convert a .pt file",
@@ -336,7 +336,7 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "quantize_bits",
-        f"Use --q-bits: `rg-mlx convert {REAL} rg-2b-8bit -q --q-bits 8`. It accepts 2, 3, 4, 5, 6 or 8; 8 bits stays very close to the full model.",
+        f"Use --q-bits: `rg-mlx convert {REAL} rg-2b-8bit -q --q-bits 8`. It accepts 1, 2, 3, 4, 5, 6 or 8; 8 bits stays very close to the full model.",
         "-q --q-bits 8",
         tasks=["quantize to 8 bits", "make an 8-bit model", "choose the number of bits", "quantize with more precision", "set the quantization bits"],
         questions=["What does --q-bits do?", "What values can --q-bits take?"],
@@ -375,7 +375,7 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "convert_output",
-        "A folder with config.json, model.safetensors (sharded above 5 GB), tokenizer.model, generation_config.json and a README.md model card. rg_mlx and mlx-lm both load it.",
+        "A folder with config.json, model.safetensors (sharded above 5 GB), tokenizer.model and tokenizer_config.json, generation_config.json and a README.md model card. rg_mlx, mlx-lm and transformers all read it.",
         "generation_config.json",
         subjects=["the output of rg-mlx convert", "a converted folder", "the converted model folder", "the format rg-mlx convert writes"],
         questions=["What files does convert write?", "What is in the output folder?", "What does a converted model look like?"],
@@ -422,7 +422,7 @@ TOPICS: list[Topic] = [
     # --- the command line ---
     _t(
         "generate",
-        'Run `rg-mlx generate --model rg-2b-it --prompt "Write a haiku"`. It streams the text, then prints prompt and generation speed, peak memory and the state size.',
+        'Run `rg-mlx generate --model rg-2b-it --prompt "Write a haiku"`. It streams the text, then prints prompt and generation speed, memory and the state size.',
         "rg-mlx generate --model rg-2b-it --prompt",
         tasks=[
             "generate text", "run a prompt", "generate text from the command line", "complete a prompt",
@@ -461,15 +461,15 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "generate_chat",
-        'Add --chat: `rg-mlx generate --model rg-2b-it --prompt "Hi" --chat` wraps the prompt as a user turn in Gemma\'s chat format, which -it models expect.',
-        "--chat",
-        tasks=["use the chat template with generate", "format my prompt as a chat turn", "apply the chat format in generate"],
-        questions=["What does --chat do?"],
+        'For a chat model (an -it checkpoint, or me) rg-mlx generate wraps the prompt as a user turn in Gemma\'s chat format by default. Add --raw to send it as plain text, or --chat to force the format on a base model.',
+        "Add --raw",
+        tasks=["use the chat template with generate", "format my prompt as a chat turn", "apply the chat format in generate", "turn off the chat template in generate", "send a raw prompt"],
+        questions=["What does --chat do?", "What does --raw do?"],
         held_out_tasks=["wrap the prompt in Gemma's turn markers"],
     ),
     _t(
         "stats",
-        "After each reply rg-mlx prints the prompt tokens per second, the generation tokens per second, peak memory and the size of the fixed state.",
+        "After each reply rg-mlx prints the prompt tokens per second, the generation tokens per second, the process memory (RSS), MLX's peak memory and the size of the fixed state.",
         "generation tokens per second",
         questions=[
             "What does the stats line show?", "What are the numbers after the reply?", "How do I see the speed?",
@@ -658,7 +658,7 @@ TOPICS: list[Topic] = [
     ),
     _t(
         "py_prefill",
-        "Prompts are processed in chunks of prefill_step_size tokens (default 512), so a 50,000-token prompt needs no more memory than a short one.",
+        "Prompts are processed in chunks of prefill_step_size tokens (default 512), so a 50,000-token prompt needs no more memory than a short one; prefill_progress= reports how far it got.",
         "prefill_step_size",
         tasks=["process a very long prompt", "handle a 50,000 token prompt", "change the prefill chunk size", "keep memory low on long prompts"],
         held_out_tasks=["feed a whole book as the prompt"],

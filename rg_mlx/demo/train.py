@@ -30,6 +30,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from rg_mlx.config import ModelArgs
+from rg_mlx.memory import human_count
 from rg_mlx.model import Model, initial_weight
 from rg_mlx.tokenizer import Tokenizer
 
@@ -208,7 +209,7 @@ def train(out: Path, *, seed: int = 0, epochs: int = EPOCHS, limit: int | None =
         model = Model(args)
         init_weights(model, args)
         params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        log(f"corpus: {len(conversations)} conversations, {tokens} tokens; model: {params / 1e6:.2f}M parameters")
+        log(f"corpus: {len(conversations)} conversations, {tokens} tokens; model: {human_count(params)} parameters")
 
         steps_per_epoch = len(batches(examples, random.Random(0)))
         total = epochs * steps_per_epoch
@@ -269,7 +270,7 @@ tags: [mlx, rg-mlx, recurrentgemma, griffin, demo]
 # rg_mlx demo model
 
 A tiny Griffin (RecurrentGemma's architecture: {CONFIG['num_hidden_layers']} layers, recurrent, recurrent,
-local attention; width {CONFIG['hidden_size']}, window {CONFIG['attention_window_size']}; {params / 1e6:.2f}M parameters,
+local attention; width {CONFIG['hidden_size']}, window {CONFIG['attention_window_size']}; {human_count(params)} parameters,
 float16) trained by the rg_mlx project on {conversations} conversations ({tokens} tokens, {epochs}
 epochs, seed {seed}, {minutes:.0f} minutes on a CPU) that it generates itself: questions about
 installing rg_mlx, converting and quantizing checkpoints, the CLI, the Python API and the app,

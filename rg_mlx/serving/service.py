@@ -22,7 +22,10 @@ from .worker import DONE, Job, Worker
 
 if TYPE_CHECKING:
     from ..chat import ChatSession
-    from ..generate import GenerationResponse
+    from ..generate import GenerationResponse, PrefillCallback, PrefillProgress
+
+    # How a reply begins: the chat, and where its prompt's progress goes.
+    Begin = Callable[[ChatSession, PrefillCallback], Iterator[GenerationResponse]]
 
 
 class NoModel(RGError):
@@ -44,13 +47,15 @@ class Progress:
 
     Attributes:
         text: the reply so far.
-        response: the newest token's `GenerationResponse`; None while the reply waits in the queue.
-        ahead: while it waits, how many replies run or wait before it.
+        response: the newest token's `GenerationResponse`; None until the first token.
+        ahead: while it waits in the queue, how many replies run or wait before it.
+        prefill: while the model reads the prompt (before the first token), how far it has got.
     """
 
     text: str
     response: GenerationResponse | None
     ahead: int = 0
+    prefill: PrefillProgress | None = None
 
 
 class ChatService:
@@ -129,7 +134,11 @@ class ChatService:
             session._stamp()
             session._times.append(now_iso())
             shown = session.view().messages + [{"role": "user", "content": text}]
-        return Reply(self._start(session, lambda chat: chat.send(text, sampling=sampling)), shown)
+
+        def begin(chat: ChatSession, progress: PrefillCallback) -> Iterator[GenerationResponse]:
+            return chat.send(text, sampling=sampling, prefill_progress=progress)
+
+        return Reply(self._start(session, begin), shown)
 
     def regenerate(self, session: Session, sampling: SamplingConfig) -> Reply | None:
         """Queue a new reply to the last message (None if there is none yet)."""
@@ -142,7 +151,11 @@ class ChatService:
             session._settings = sampling
             shown = messages[:-1] if messages[-1]["role"] == "assistant" else messages
             session._times = session._times[: len(shown)]
-        return Reply(self._start(session, lambda chat: chat.regenerate(sampling=sampling)), shown)
+
+        def begin(chat: ChatSession, progress: PrefillCallback) -> Iterator[GenerationResponse]:
+            return chat.regenerate(sampling=sampling, prefill_progress=progress)
+
+        return Reply(self._start(session, begin), shown)
 
     def undo(self, session: Session) -> str | None:
         """Drop the last exchange; return its user message (None if the chat is empty)."""
@@ -200,10 +213,13 @@ class ChatService:
     def follow(self, reply: Reply, update_every: float = 0.05) -> Iterator[Progress]:
         """The `Progress` of a reply until it ends.
 
-        While it waits in the queue, one `Progress` each time the number ahead of it changes; then
-        at most one every `update_every` seconds (tokens that arrive faster are merged). Raises the
-        error that ended the reply, if one did. Closing this iterator early cancels the reply.
+        While it waits in the queue, one `Progress` each time the number ahead of it changes; then,
+        while the model reads the prompt and while it generates, at most one every `update_every`
+        seconds (progress that arrives faster is merged). Raises the error that ended the reply, if
+        one did. Closing this iterator early cancels the reply.
         """
+        from ..generate import PrefillProgress
+
         job = reply.job
         text, ahead, unshown, next_update = "", None, None, 0.0
         try:
@@ -218,7 +234,7 @@ class ChatService:
                         items.append(job.events.get())
                     if items[-1] is DONE:
                         break
-                    text += "".join(r.text for r in items)
+                    text += "".join(r.text for r in items if not isinstance(r, PrefillProgress))
                     unshown = items[-1]
                 if unshown is None:  # no token yet: where the reply stands in the queue
                     n = self.worker.ahead(job)
@@ -228,7 +244,10 @@ class ChatService:
                     continue
                 if time.monotonic() < next_update:
                     continue
-                yield Progress(text, unshown)
+                if isinstance(unshown, PrefillProgress):
+                    yield Progress(text, None, prefill=unshown)
+                else:
+                    yield Progress(text, unshown)
                 unshown, next_update = None, time.monotonic() + update_every
             if job.error is not None:
                 raise job.error
@@ -265,8 +284,9 @@ class ChatService:
         """The checks of `sampling` that need the model, before anything is queued."""
         sampling.check_vocab(self._loaded().model.args.vocab_size)
 
-    def _start(self, session: Session, begin: Callable[[ChatSession], Iterator[GenerationResponse]]) -> Job:
-        """Queue `begin(chat)`'s reply as the session's job (any reply of its still running is stopped)."""
+    def _start(self, session: Session, begin: Begin) -> Job:
+        """Queue `begin(chat, progress)`'s reply as the session's job (any reply of its still running is
+        stopped); `progress` puts the prompt's `PrefillProgress` among the job's events."""
         while True:
             self.cancel(session)  # waits outside the session's lock: the worker needs it to stop
             with session.lock:
@@ -274,12 +294,12 @@ class ChatService:
                     session._job = self.worker.submit(session.key, lambda: self._reply(session, begin))
                     return session._job
 
-    def _reply(
-        self, session: Session, begin: Callable[[ChatSession], Iterator[GenerationResponse]]
-    ) -> Iterator[GenerationResponse]:
+    def _reply(self, session: Session, begin: Begin) -> Iterator[GenerationResponse]:
         """Runs on the worker: stream one reply of the session's chat, timing every token."""
         with session.lock:
-            stream = begin(session._chat)
+            # This job: `_start` set it under this lock, and it stays the session's job until it ends.
+            events = session._job.events
+            stream = begin(session._chat, events.put)
             session._last = session._ttft = None
         start = last = time.perf_counter()
         first = True
