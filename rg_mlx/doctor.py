@@ -53,8 +53,20 @@ SPEED_SHAPE = (1, 2048, 2560)  # a 2k-token prompt through one layer of the 2B m
 BANDWIDTH_BYTES = 256 << 20
 
 
+class _WithinTolerance:
+    """A check that passes when it ran (`failure` None) with `error` within `tolerance`."""
+
+    error: float | None
+    tolerance: float
+    failure: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.error is not None and self.error <= self.tolerance
+
+
 @dataclass
-class Case:
+class Case(_WithinTolerance):
     """One scan case against the float64 reference."""
 
     name: str
@@ -64,10 +76,6 @@ class Case:
     error: float | None  # max over (row, channel) of max_t |error| / max_t |reference|; None if it raised
     tolerance: float
     failure: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None and self.error is not None and self.error <= self.tolerance
 
 
 @dataclass
@@ -91,7 +99,7 @@ class SelfCheck:
 
 
 @dataclass
-class ModelCheck:
+class ModelCheck(_WithinTolerance):
     """A tiny random model through one path against the ops path (float32), or a bfloat16 model."""
 
     path: str
@@ -103,16 +111,11 @@ class ModelCheck:
 
     @property
     def ok(self) -> bool:
-        return (
-            self.failure is None
-            and self.error is not None
-            and self.error <= self.tolerance
-            and self.state_dtype == "float32"
-        )
+        return _WithinTolerance.ok.fget(self) and self.state_dtype == "float32"
 
 
 @dataclass
-class ProductCheck:
+class ProductCheck(_WithinTolerance):
     """One of rg_mlx's native CPU products (`rg_mlx.cpu.native`) on one instruction set against float64."""
 
     isa: str
@@ -120,10 +123,6 @@ class ProductCheck:
     error: float | None  # max |y - reference| / (|x| @ |w|.T): the sums' rounding, relative to their terms
     tolerance: float
     failure: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None and self.error is not None and self.error <= self.tolerance
 
 
 @dataclass

@@ -21,7 +21,6 @@ own RecurrentGemma, whose parameter names match ours but whose numerics do not).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -121,13 +120,9 @@ def adapter_config(adapter_path: str | Path) -> dict[str, Any]:
             f"{adapter_path}: not an adapter folder (adapter_config.json and adapters.safetensors, as written by "
             "`rg-mlx mlx-lm lora --train --adapter-path FOLDER`)"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise RGError(f"{config_path}: unreadable adapter config ({e})") from None
-    if not isinstance(config, dict):
-        raise RGError(f"{config_path}: not an adapter config (a JSON object)")
-    return config
+    from .loading import read_json_object
+
+    return read_json_object(config_path, "adapter config")
 
 
 def check_adapter(adapter_path: str | Path) -> dict[str, Any]:

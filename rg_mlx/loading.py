@@ -88,13 +88,19 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise RGError(f"{folder}: no config.json: not a model folder (convert a checkpoint with `rg-mlx convert`)")
+    return read_json_object(path, "config")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file `path` (a `what`: "config", "adapter config", ...); `RGError` if
+    it cannot be read or holds something else."""
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise RGError(f"{path}: unreadable config ({e})") from None
-    if not isinstance(config, dict):
-        raise RGError(f"{path}: not a config (a JSON object expected)")
-    return config
+        raise RGError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(value, dict):
+        raise RGError(f"{path}: not a valid {what} (a JSON object expected)")
+    return value
 
 
 def read_config(folder: str | Path) -> ModelArgs:

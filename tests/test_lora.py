@@ -130,7 +130,9 @@ def test_generate_and_chat_take_the_adapter(adapter, tiny_with_tokenizer_files, 
     import mlx_lm
 
     folder, prompt = str(tiny_with_tokenizer_files), "The quick brown fox"
-    assert main(["generate", "--model", folder, "--adapter-path", str(adapter), "--prompt", prompt, "-m", "12"]) == 0
+    # --raw: the prompt as text, as mlx_lm.generate's Python function takes it (the folder has a chat template).
+    assert main(["generate", "--model", folder, "--adapter-path", str(adapter), "--prompt", prompt, "-m", "12",
+                 "--raw"]) == 0
     ours = capsys.readouterr().out
     with registration_restored():
         integration.register_with_mlx_lm()
