@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 QUESTIONS = [
-    "How is rg_mlx installed?",
+    "How do I install rg_mlx?",
     "How is this different from a transformer?",
     "What does the plot in the app show?",
 ]

@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
 
 from . import native
 
@@ -173,16 +172,6 @@ def swap_native_layers(model: nn.Module, lookup_dtype: mx.Dtype | None = None) -
     """Swap every eligible leaf layer of `model` for its native replacement, in place (as `nn.quantize`
     does); returns how many were swapped (0 where the native products are unavailable). Embedding
     lookups return `lookup_dtype` (None: the table's)."""
-    swapped = 0
+    from . import swap_layers
 
-    def swap(_path: str, m: nn.Module) -> nn.Module:
-        nonlocal swapped
-        new = native_layer(m, lookup_dtype)
-        if new is None:
-            return m
-        swapped += 1
-        return new
-
-    leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
-    model.update_modules(leaves)
-    return swapped
+    return swap_layers(model, lambda _path, m: native_layer(m, lookup_dtype))
