@@ -208,7 +208,7 @@ def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 def test_chat_without_model_uses_the_demo():
     """`rg-mlx chat` with no --model answers offline, and says it is the bundled demo."""
-    result = _cli("chat", stdin="How is rg_mlx installed?\n/quit\n")
+    result = _cli("chat", stdin="How do I install rg_mlx?\n/quit\n")
     assert result.returncode == 0, result.stderr
     assert "pip install -e ." in result.stdout and "not on PyPI" in result.stdout  # from a clone
     assert "bundled demo" in result.stderr and "rg-mlx convert" in result.stderr

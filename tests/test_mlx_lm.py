@@ -182,7 +182,8 @@ def test_batch_generate_on_the_demo_model_matches_single_runs(demo, monkeypatch)
 
     model, tokenizer = demo
     prompts = [tokenizer.encode(p) for p in DEMO_PROMPTS]
-    assert sorted(len(p) for p in prompts) == [2, 2, 8, 21]  # <bos> first (tokenizer_config.json)
+    # Rows of different lengths, each <bos> first (tokenizer_config.json).
+    assert len({len(p) for p in prompts}) >= 3 and all(p[0] == tokenizer.bos_token_id for p in prompts)
 
     def run(batch):
         return batch_generate(model, tokenizer, batch, max_tokens=24, return_token_ids=True).token_ids
