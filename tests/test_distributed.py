@@ -238,9 +238,10 @@ def test_each_rank_holds_half_the_weights_and_the_recurrent_state(name, folders,
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_rank_sends_per_token_what_the_readme_says(name, folders, ranks):
+def test_each_rank_sends_per_token_what_the_readme_says(name, folders, ranks, monkeypatch):
     # Two all-reduces of one `width` vector per layer, one for the embedding lookup, and the gather of
     # the logits (this rank's half of the vocabulary), for each of the batch's 2 rows, in float32.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ (not installed)
     from benchmarks.bench_sharded import paper
 
     args = ModelArgs.from_dict(json.loads((folders[name] / "config.json").read_text()))
