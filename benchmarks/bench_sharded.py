@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         worker(Path(args.worker[0]), Path(args.worker[1]), args.prompt, args.decode)
         return 0
 
-    from benchmarks.bench import machine
-    from benchmarks.checkpoint import CONFIGS, write_checkpoint
+    from rg_mlx.bench.checkpoint import CONFIGS, write_checkpoint
+    from rg_mlx.bench.speed import machine
 
     folder = write_checkpoint(CONFIG, args.work_dir / f"{CONFIG}-float32", dtype="float32")
     print(f"# Tensor parallelism on one machine\n\nMachine: {machine()}\n")
