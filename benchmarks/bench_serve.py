@@ -451,12 +451,6 @@ def wait_for_quiet(limit: float, patience_s: float) -> None:
         time.sleep(60)
 
 
-def machine() -> str:
-    from rg_mlx.bench.speed import machine as describe
-
-    return describe()
-
-
 def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "—"
@@ -559,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_load:
         wait_for_quiet(args.wait_load, 60 * args.wait_minutes)
     t0, load_start = time.monotonic(), load_average()
+    from rg_mlx.bench.speed import machine
+
     r: dict[str, Any] = {"machine": machine(), "load_start": load_start, "blas": _blas.active()}
     r["logit_error"] = {} if "exactness" in skip else logit_errors(work)
 

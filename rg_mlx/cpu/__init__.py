@@ -23,7 +23,7 @@ separate, process-wide part of the fast path (`rg_mlx._blas`, `RG_MLX_BLAS`).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,7 @@ from mlx.utils import tree_map_with_path
 from ..errors import RGError
 
 ENV_VAR = "RG_MLX_ACCELERATE"
+M = TypeVar("M", bound=nn.Module)
 
 
 def wanted(accelerate: bool | None = None) -> bool:
@@ -66,10 +67,12 @@ def swap_layers(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module 
     return count
 
 
-def recast(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A module of class `cls` (a subclass changing only methods) holding `module`'s parameters and settings."""
+def recast(module: nn.Module, cls: type[M]) -> M:
+    """A module of class `cls` (a subclass changing only methods) holding `module`'s parameters (the same
+    arrays) and settings, without running `cls.__init__` (which would make, or quantize, new weights)."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
+    new.__dict__["_no_grad"] = set(module._no_grad)  # its own frozen-set: `freeze` on it must not touch `module`
     dict.update(new, module)
     return new
 

@@ -19,22 +19,12 @@ from typing import TypeVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import native
+from . import native, recast, swap_layers
 
 _FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 _HALVES = (mx.bfloat16, mx.float16)
 
 L = TypeVar("L", bound=nn.Module)
-
-
-def _adopt(cls: type[L], m: nn.Module) -> L:
-    """An instance of `cls` holding `m`'s parameters (the same arrays) and settings, without running
-    `cls.__init__` (which would make and quantize random weights)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(m.__dict__)
-    new.__dict__["_no_grad"] = set(m._no_grad)  # its own frozen-set, as `freeze` on it must not touch m
-    dict.update(new, m)
-    return new
 
 
 def _dense_ok(weight: mx.array) -> bool:
@@ -88,7 +78,7 @@ class NativeLinear(nn.Linear):
     @classmethod
     def from_module(cls, m: nn.Linear) -> NativeLinear:
         """A NativeLinear sharing `m`'s weight and bias."""
-        return _adopt(cls, m)
+        return recast(m, cls)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _dense_product(x, self["weight"])
@@ -101,25 +91,30 @@ class NativeQuantizedLinear(nn.QuantizedLinear):
     @classmethod
     def from_module(cls, m: nn.QuantizedLinear) -> NativeQuantizedLinear:
         """A NativeQuantizedLinear sharing `m`'s weight, scales, biases and bias."""
-        return _adopt(cls, m)
+        return recast(m, cls)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _quantized_product(self, x)
         return y + self["bias"] if "bias" in self else y
 
 
-class NativeEmbedding(nn.Embedding):
-    """`nn.Embedding` with a bfloat16 or float16 table whose `as_linear` (a tied output layer) is native;
-    its lookups return `lookup_dtype` (None: the table's)."""
+class _LookupDtype:
+    """An embedding whose lookups return `lookup_dtype` (None: its table's or scales' dtype)."""
 
     lookup_dtype: mx.Dtype | None = None
 
     @classmethod
-    def from_module(cls, m: nn.Embedding, lookup_dtype: mx.Dtype | None = None) -> NativeEmbedding:
-        """A NativeEmbedding sharing `m`'s table, whose lookups return `lookup_dtype` (None: the table's)."""
-        new = _adopt(cls, m)
+    def from_module(cls: type[L], m: nn.Module, lookup_dtype: mx.Dtype | None = None) -> L:
+        """A `cls` sharing `m`'s table (and scales and biases), whose lookups return `lookup_dtype`."""
+        new = recast(m, cls)
         new.lookup_dtype = lookup_dtype
         return new
+
+
+class NativeEmbedding(_LookupDtype, nn.Embedding):
+    """`nn.Embedding` with a bfloat16 or float16 table whose `as_linear` (a tied output layer) is native;
+    its lookups return `lookup_dtype` (None: the table's)."""
+
 
     def __call__(self, x: mx.array) -> mx.array:
         return _looked_up(super().__call__(x), self.lookup_dtype)
@@ -128,18 +123,10 @@ class NativeEmbedding(nn.Embedding):
         return _dense_product(x, self["weight"])
 
 
-class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
+class NativeQuantizedEmbedding(_LookupDtype, nn.QuantizedEmbedding):
     """`nn.QuantizedEmbedding` (affine, 4 or 8 bits) whose `as_linear` (a tied output layer) is native; its
     lookups return `lookup_dtype` (None: the scales')."""
 
-    lookup_dtype: mx.Dtype | None = None
-
-    @classmethod
-    def from_module(cls, m: nn.QuantizedEmbedding, lookup_dtype: mx.Dtype | None = None) -> NativeQuantizedEmbedding:
-        """A NativeQuantizedEmbedding sharing `m`'s table, scales and biases, whose lookups return `lookup_dtype`."""
-        new = _adopt(cls, m)
-        new.lookup_dtype = lookup_dtype
-        return new
 
     def __call__(self, x: mx.array) -> mx.array:
         # Dequantized in the lookup dtype: with scales narrower than it, MLX's would round each row to theirs.
@@ -172,6 +159,4 @@ def swap_native_layers(model: nn.Module, lookup_dtype: mx.Dtype | None = None) -
     """Swap every eligible leaf layer of `model` for its native replacement, in place (as `nn.quantize`
     does); returns how many were swapped (0 where the native products are unavailable). Embedding
     lookups return `lookup_dtype` (None: the table's)."""
-    from . import swap_layers
-
     return swap_layers(model, lambda _path, m: native_layer(m, lookup_dtype))
