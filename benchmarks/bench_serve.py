@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if "installed" not in skip:
         specs.append(("mlx_lm.server (as installed)", [py, "-m", "mlx_lm", "server", "--model", str(griffin)],
                       {"RG_MLX_BLAS": "off"}, griffin))
-    if "mlx_lm.server, transformer (gemma)" not in skip:
+    if "transformer" not in skip:
         specs.append((TRANSFORMER, [py, "-c", SAME_BLAS, "--model", str(gemma)], {}, gemma))
     servers = [Server(name, argv_, env, work / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log")
                for name, argv_, env, _ in specs]

@@ -15,6 +15,13 @@ Two kinds of library:
   Without the router only the system OpenBLAS can be used, and its one-row products are slow.
 - Intel MKL from PyPI (``pip install -e '.[mkl]'`` in the rg-mlx clone), loaded as it is.
 
+OpenBLAS's idle threads spin for about 0.1 s after each product before they sleep. Between a decode
+step's products MLX's own threads run the elementwise work, and a batch of four to eight rows runs
+on the router's threads, so spinning OpenBLAS threads take their cores: a batch of 8 decode rows
+took twice as long. OpenBLAS is loaded with its idle threads sleeping at once
+(``OPENBLAS_THREAD_TIMEOUT``, `THREAD_TIMEOUT`, unless set already; OpenBLAS reads it when it is
+loaded, so not where NumPy was imported before rg_mlx).
+
 MLX's CPU allocator is plain malloc and free, without the buffer cache its Metal allocator keeps.
 glibc hands out every block over 32 MB (a prompt chunk's attention scores) as a fresh mapping,
 faulted in page by page each time: 12,800 faults and ~45 ms for 52 MB here, 5% of a prefill.
@@ -50,6 +57,9 @@ INSTALL_HINT = (
 _status = "not loaded"
 _threaded_rows = False
 _malloc_reuses = False
+
+# OpenBLAS's environment variable for how long its idle threads spin (2 ** value cycles; 4 is its least).
+THREAD_TIMEOUT_VAR, THREAD_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT", "4"
 
 # glibc's mallopt parameters, and how much freed memory its heap keeps rather than returning it.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -129,6 +139,8 @@ def _use(lib: Library, router: str | None) -> str | None:
     """Make `lib` the BLAS MLX calls; its description, or None where it cannot be loaded."""
     global _threaded_rows
     routed = lib.kind == "openblas" and router is not None
+    if lib.kind == "openblas":
+        os.environ.setdefault(THREAD_TIMEOUT_VAR, THREAD_TIMEOUT)
     try:
         handle = ctypes.CDLL(lib.path, mode=ctypes.RTLD_LOCAL if routed else ctypes.RTLD_GLOBAL)
         if routed:

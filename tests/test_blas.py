@@ -144,6 +144,33 @@ def test_malloc_reuses_large_blocks_unless_off():
     assert not off["reuses"] and off["faults"] > 4 * 16384 * 0.9
 
 
+# CPU time the process spends in 0.3 s of sleep right after a threaded product: OpenBLAS's idle threads spinning.
+IDLE_SPIN = """
+import json, os, time
+import rg_mlx
+import mlx.core as mx
+a = mx.random.normal((768, 768))
+mx.eval(a @ a)
+before = time.process_time()
+time.sleep(0.3)
+print(json.dumps({"spun": time.process_time() - before, "timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}))
+"""
+
+
+@pytest.mark.skipif(not (have_router() and have_openblas()) or (os.cpu_count() or 1) < 2,
+                    reason="needs the router, an OpenBLAS and two cores")
+def test_idle_openblas_threads_sleep_unless_told_to_spin(monkeypatch):
+    monkeypatch.delenv(_blas.THREAD_TIMEOUT_VAR, raising=False)
+    ours, _ = run_probe("openblas", IDLE_SPIN, debug_bindings=False)
+    assert ours["timeout"] == _blas.THREAD_TIMEOUT
+    assert ours["spun"] < 0.05, ours
+    # A user's own setting is kept (OpenBLAS's default, 2**28 cycles: its threads spin for ~0.1 s).
+    monkeypatch.setenv(_blas.THREAD_TIMEOUT_VAR, "28")
+    theirs, _ = run_probe("openblas", IDLE_SPIN, debug_bindings=False)
+    assert theirs["timeout"] == "28"
+    assert theirs["spun"] > 0.05, theirs
+
+
 def test_forced_but_missing_falls_back_with_a_warning():
     code = (
         "import sys, warnings; sys.prefix = sys.base_prefix = sys.exec_prefix = '/nonexistent'\n"
