@@ -63,16 +63,32 @@ def keeps_stored_weights(dtype: mx.Dtype, accelerate: bool | None = None) -> boo
     return dtype == mx.float32 and cpu.wanted(accelerate) and native.available()
 
 
-def cast_parameters(model: nn.Module, dtype: mx.Dtype, *, keep_stored: bool) -> None:
+def bfloat16_products(dtype: mx.Dtype, accelerate: bool | None = None) -> bool:
+    """Whether the compute dtype `dtype` means bfloat16 products and float32 for everything else: for bfloat16 on
+    the CPU, where the accelerations apply (`accelerate`, as in `load_model`) and rg_mlx's native products are
+    loaded. MLX's CPU norms, elementwise math and attention run slower in bfloat16 than in float32, while the
+    products' bfloat16 dot products (AVX512_BF16) run twice as fast as float32 ones."""
+    from .cpu import native
+
+    return (dtype == mx.bfloat16 and mx.default_device().type == mx.DeviceType.cpu and cpu.wanted(accelerate)
+            and native.available())
+
+
+def cast_parameters(model: nn.Module, dtype: mx.Dtype, *, keep_stored: bool, products: mx.Dtype | None = None) -> None:
     """The dtype rule, in place: every floating-point parameter of `model` in the compute dtype `dtype`,
     except, with `keep_stored` (`keeps_stored_weights`), those of the layers the native CPU products
     take (`rg_mlx.cpu.native_layers.takes`: bfloat16/float16 `Linear` and `Embedding` weights, and the
     scales and biases of 4/8-bit affine quantized ones; not their own `bias`), which stay as stored.
     Those products read the narrower weights with float32 activations and sum in float32, so the
     logits are those of the float32 model with the same weights, from fewer bytes;
-    `rg_mlx.cpu.accelerate` swaps them in."""
+    `rg_mlx.cpu.accelerate` swaps them in. With `products` (`bfloat16_products`), the weights of the dense
+    `Linear` and `Embedding` layers are cast to it first (and then kept, with `keep_stored`)."""
     from .cpu import native_layers
 
+    if products is not None:
+        dense = [(f"{path}.weight", m["weight"].astype(products)) for path, m in model.named_modules()
+                 if type(m) in (nn.Linear, nn.Embedding) and m["weight"].dtype != products]
+        model.update(tree_unflatten(dense), strict=False)
     layers = {path for path, m in model.named_modules() if native_layers.takes(m)} if keep_stored else set()
     kept = {f"{layer}.{name}" for layer in layers for name in ("weight", "scales", "biases")}
     cast = [
@@ -190,10 +206,13 @@ def load_model(
             embedding weights stay as stored: those products take float32 activations with the
             narrower weights and sum in float32, so a bfloat16 or quantized folder gives the logits
             of the float32 model with the same weights while reading fewer bytes per token.
-            ``"bfloat16"`` computes in bfloat16 throughout (float32 sums in the products; on a CPU
-            with AVX512_BF16, bfloat16 dot products, faster on long prompts than float32, at
-            bfloat16 precision). Quantized weights keep their packing; the recurrent state is float32
-            regardless.
+            ``"bfloat16"`` computes in bfloat16 throughout on a GPU. On the CPU with the native
+            products (`bfloat16_products`) it means bfloat16 products and float32 for the rest: the
+            dense weights in bfloat16, each product's activations rounded to bfloat16 (float32 sums,
+            the result rounded to bfloat16; on a CPU with AVX512_BF16, bfloat16 dot products, about
+            twice as fast as float32 on prompts), and the norms, recurrence, attention, residual
+            stream and logits in float32, which MLX's CPU runs faster than bfloat16 and which is more
+            exact. Quantized weights keep their packing; the recurrent state is float32 regardless.
         accelerate: apply the CPU accelerations (`rg_mlx.cpu.accelerate`); default: where MLX runs
             on the CPU, unless ``RG_MLX_ACCELERATE=0``.
         adapter_path: a LoRA adapter folder written by `rg-mlx mlx-lm lora` (`mlx_lm.lora` on our
@@ -226,14 +245,17 @@ def load_model(
         quant.apply(model, quantization, weights)
     check_tensors(weights, dict(tree_flatten(model.parameters())), folder)
     model.load_weights(list(weights.items()))
-    cast_parameters(model, dtype, keep_stored=keeps_stored_weights(dtype, accelerate))
+    products = mx.bfloat16 if bfloat16_products(dtype, accelerate) else None
+    if products is not None:
+        dtype = mx.float32  # the compute dtype; the products' is `products`
+    cast_parameters(model, dtype, keep_stored=keeps_stored_weights(dtype, accelerate), products=products)
     if group is not None:
         del weights  # the model holds the only references to the lazy tensors: `shard` keeps only the shares
         model.shard(group)
     mx.eval(model.parameters())
     model.eval()
     if cpu.wanted(accelerate):
-        cpu.accelerate(model, dtype)
+        cpu.accelerate(model, dtype, products=products)
     if adapter_path is not None:
         from .integration import load_adapter
 

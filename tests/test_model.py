@@ -92,21 +92,28 @@ def test_left_padding_does_not_leak(pair, chunk):
     assert np.isfinite(got).all()
 
 
-def test_bfloat16_agrees_and_state_stays_float32(tmp_path):
+@pytest.mark.parametrize("accelerate", [False, True], ids=["bfloat16 throughout", "bfloat16 products"])
+def test_bfloat16_agrees_and_state_stays_float32(tmp_path, accelerate):
+    """`dtype="bfloat16"`: the plain model computes in bfloat16 throughout (as on a GPU); on the CPU with the native
+    products only the products are bfloat16 (`rg_mlx.loading.bfloat16_products`). Either way the greedy tokens
+    agree with the reference and the recurrence runs in float32."""
+    from rg_mlx.loading import bfloat16_products
+
     ref, cfg = reference_model(window=WINDOW, width=128, num_heads=4, mlp_expanded_width=192, vocab_size=211)
     folder = save_hf_folder(tmp_path, cfg, dm_to_hf(ref.state_dict(), cfg))
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 64))
     expected = reference_logits(ref, tokens).argmax(-1)
-    model = load_model(folder, dtype="bfloat16")
+    model = load_model(folder, dtype="bfloat16", accelerate=accelerate)
+    compute = mx.float32 if bfloat16_products(mx.bfloat16, accelerate) else mx.bfloat16
     cache = model.make_cache()
     got = model(mx.array(tokens), cache=cache)
-    assert got.dtype == mx.bfloat16
+    assert got.dtype == compute
     agreement = (np.array(got.astype(mx.float32)).argmax(-1) == expected).mean()
     assert agreement >= 0.99
     for layer, c in zip(model.layers, cache):
         if layer.temporal_block_type == "recurrent":
             assert RecurrentState(c).h.dtype == mx.float32
-            assert RecurrentState(c).conv.dtype == mx.bfloat16  # the model dtype
+            assert RecurrentState(c).conv.dtype == compute  # the model dtype
 
 
 def test_matches_hugging_face_within_window(tmp_path):

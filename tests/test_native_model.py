@@ -4,10 +4,11 @@ acceptance of the kernels on the three tiny DeepMind-reference configurations, q
 - float32 activations (the CPU default): a bfloat16 folder keeps its weights in bfloat16 and gives the logits of
   the float32 model with the same weights; a quantized folder keeps its bfloat16 scales and gives the logits of
   MLX's own quantized product with float32 activations; full-model logits within 1e-4, greedy tokens identical.
-- bfloat16 activations (`dtype="bfloat16"`): against the same bfloat16 model whose products are MLX's, computed
-  in float32 and rounded to bfloat16 once per product (MLX's own CPU quantized product accumulates bfloat16
-  activations in bfloat16, which is less exact than the kernels): within two bfloat16 ulps of each row's
-  largest logit, the same argmax everywhere, greedy tokens identical.
+- bfloat16 products (`dtype="bfloat16"` on the CPU, `rg_mlx.loading.bfloat16_products`): float32 for everything
+  but the products, whose activations and results are rounded to bfloat16; against the float32 model of the same
+  weights whose products are MLX's float32 ones with the same two roundings (MLX's own CPU quantized product
+  accumulates bfloat16 activations in bfloat16, which is less exact than the kernels): within two bfloat16 ulps
+  of each row's largest logit, the same argmax everywhere, greedy tokens identical.
 """
 
 from __future__ import annotations
@@ -135,21 +136,26 @@ def test_float32_activations_on_stored_weights(float32_folder, tmp_path, bits):
 
 class ReferenceLinear(nn.Module):
     """A product computed in float32 by MLX and rounded once to the activations' dtype: the float32-accumulating
-    reference of a bfloat16 model's products (quantized: MLX's quantized product; dense: MLX's matmul)."""
+    reference of a bfloat16 model's products (quantized: MLX's quantized product; dense: MLX's matmul). With
+    `rounding`, the activations are rounded to it first and the result too (bfloat16 products in a float32 model)."""
 
-    def __init__(self, m: nn.Module):
+    def __init__(self, m: nn.Module, rounding: mx.Dtype | None = None):
         super().__init__()
         self.m = m
+        self.rounding = rounding
+
+    def _round(self, a: mx.array) -> mx.array:
+        return a if self.rounding is None else a.astype(self.rounding)
 
     def product(self, x: mx.array) -> mx.array:
-        m, x32 = self.m, x.astype(mx.float32)
+        m, x32 = self.m, self._round(x).astype(mx.float32)
         if "scales" in m:
             f32 = {k: m[k].astype(mx.float32) for k in ("scales", "biases")}
             return mx.quantized_matmul(x32, m["weight"], **f32, transpose=True, group_size=m.group_size, bits=m.bits)
         return x32 @ m["weight"].astype(mx.float32).T
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.product(x).astype(x.dtype)
+        y = self._round(self.product(x)).astype(x.dtype)
         return y + self.m["bias"] if "bias" in self.m else y
 
 
@@ -158,16 +164,16 @@ class ReferenceEmbedding(ReferenceLinear):
         return self.m(tokens)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return self.product(x).astype(x.dtype)
+        return self._round(self.product(x)).astype(x.dtype)
 
 
-def reference_products(model: Model) -> Model:
+def reference_products(model: Model, rounding: mx.Dtype | None = None) -> Model:
     """`model` with every Linear and the embedding computing through `ReferenceLinear`."""
     def swap(_path: str, m: nn.Module) -> nn.Module | None:
         if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):
-            return ReferenceEmbedding(m)
+            return ReferenceEmbedding(m, rounding)
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
-            return ReferenceLinear(m)
+            return ReferenceLinear(m, rounding)
         return None
 
     assert cpu.swap_layers(model, swap) > 0
@@ -182,19 +188,43 @@ def row_ulps(got: np.ndarray, reference: np.ndarray) -> float:
 
 @needs_native
 @pytest.mark.parametrize("bits", [None, 4, 8], ids=["bfloat16", "4-bit", "8-bit"])
-def test_bfloat16_activations(float32_folder, tmp_path, bits):
+def test_bfloat16_products(float32_folder, tmp_path, bits):
     folder = converted(float32_folder, tmp_path / "converted", bits)
     ours = load_model(folder, dtype="bfloat16")
-    assert NativeQuantizedLinear in native_layers_of(ours) if bits else NativeLinear in native_layers_of(ours)
+    assert cpu.accelerated(ours)
+    layers = {path: m for path, m in ours.named_modules() if type(m) in NATIVE}
+    assert layers and {m.product_dtype for m in layers.values()} == {mx.bfloat16}
+    for name, p in tree_flatten(ours.parameters()):
+        layer, _, leaf = name.rpartition(".")
+        if layer in layers and leaf in ("weight", "scales", "biases"):
+            assert p.dtype == (mx.uint32 if bits and leaf == "weight" else mx.bfloat16), name
+        else:
+            assert p.dtype == mx.float32, name  # norms, conv, RG-LRU, biases: float32
     with native_off():
-        reference = reference_products(load_model(folder, dtype="bfloat16"))
-    expected = np.array(reference(mx.array(TOKENS)).astype(mx.float32))
+        reference = reference_products(load_model(folder, dtype="float32"), rounding=mx.bfloat16)
+    expected = np.array(reference(mx.array(TOKENS)))
     got = ours(mx.array(TOKENS))
-    assert got.dtype == mx.bfloat16
-    for logits in (np.array(got.astype(mx.float32)), prefill_then_decode(ours, TOKENS, 2 * WINDOW + 3)):
+    assert got.dtype == mx.float32
+    cache = ours.make_cache()
+    ours(mx.array(TOKENS[:, :4]), cache=cache)
+    state = tree_flatten([c.state for c in cache])
+    assert {a.dtype for _, a in state if a is not None and mx.issubdtype(a.dtype, mx.floating)} == {mx.float32}
+    for logits in (np.array(got), prefill_then_decode(ours, TOKENS, 2 * WINDOW + 3)):
         assert row_ulps(logits, expected) <= 2
         assert (logits.argmax(-1) == expected.argmax(-1)).all()
     assert greedy(ours, TOKENS[0, :20], 12) == greedy(reference, TOKENS[0, :20], 12)
+
+
+@needs_native
+def test_bfloat16_products_cast_float32_weights(float32_folder):
+    """A float32 folder loaded with `dtype="bfloat16"` runs its products on bfloat16 copies of its dense weights."""
+    model = load_model(float32_folder, dtype="bfloat16")
+    dense = [m for _, m in model.named_modules() if type(m) in (NativeLinear, NativeEmbedding)]
+    assert dense and all(m.weight.dtype == mx.bfloat16 for m in dense)
+    assert model.model.final_norm.weight.dtype == mx.float32
+    with native_off():
+        full = load_model(float32_folder, dtype="bfloat16")  # without the native products: bfloat16 throughout
+    assert {p.dtype for _, p in tree_flatten(full.parameters())} == {mx.bfloat16}
 
 
 def test_dtype_rule_without_the_native_products(float32_folder, tmp_path):

@@ -64,6 +64,10 @@ class MLXRunner:
         # What the layers compute in: the logits' dtype (mlx-lm computes in its weights' dtype; quantized: their
         # scales'; rg_mlx in its compute dtype).
         self.activations = str(self.model(mx.array([[1]])).dtype).removeprefix("mlx.core.")
+        products = {str(m.product_dtype).removeprefix("mlx.core.") for _, m in self.model.named_modules()
+                    if getattr(m, "product_dtype", None) is not None}  # rg_mlx's bfloat16 products on the CPU
+        if products:
+            self.activations += f" ({', '.join(sorted(products))} products)"
 
     def _steps(self, ids, n):
         mx = self.mx

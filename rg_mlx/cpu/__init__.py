@@ -77,7 +77,7 @@ def recast(module: nn.Module, cls: type[M]) -> M:
     return new
 
 
-def accelerate(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Module:
+def accelerate(model: nn.Module, dtype: mx.Dtype | None = None, products: mx.Dtype | None = None) -> nn.Module:
     """Apply the CPU accelerations to a built `rg_mlx.Model` in place (see the module docstring); returns it.
 
     Args:
@@ -85,8 +85,11 @@ def accelerate(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Module:
         dtype: the compute dtype (the activations'), which an embedding kept narrower returns from its
             lookups; default: the dtype of the model's final norm, which the loader's dtype rule
             (`rg_mlx.loading.cast_parameters`) always casts to the compute dtype.
+        products: the dtype the native layers' products take their activations in (rounded to it, the
+            result returned in the activations' dtype; `rg_mlx.loading.bfloat16_products`); None: as they come.
 
-    The logits stay those of the plain model (to float32 rounding). Applying it twice changes nothing.
+    The logits stay those of the plain model (to float32 rounding; with `products`, to its rounding of each
+    product's activations and result). Applying it twice changes nothing.
     """
     from . import native_layers, ops, parallel
 
@@ -95,6 +98,7 @@ def accelerate(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Module:
     def split(path: str, module: nn.Module) -> nn.Module | None:
         native = native_layers.native_layer(module, dtype)
         if native is not None:
+            native.product_dtype = products
             return native
         if type(module) is nn.Linear:
             return recast(module, parallel.SplitLinear)

@@ -55,9 +55,17 @@ def takes(m: nn.Module) -> bool:
     return False
 
 
-def _dense_product(x: mx.array, weight: mx.array) -> mx.array:
+def _narrowed(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def _as(y: mx.array, dtype: mx.Dtype) -> mx.array:
+    return y if y.dtype == dtype else y.astype(dtype)
+
+
+def _dense_product(x: mx.array, weight: mx.array, product_dtype: mx.Dtype | None = None) -> mx.array:
     if x.dtype in _FLOATS and native.available():
-        return native.matmul(x, weight)
+        return _as(native.matmul(_narrowed(x, product_dtype), weight), x.dtype)
     return x @ weight.T
 
 
@@ -67,12 +75,20 @@ def _looked_up(rows: mx.array, dtype: mx.Dtype | None) -> mx.array:
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array:
     if x.dtype in _FLOATS and native.available():
-        return native.quantized_matmul(x, m["weight"], m["scales"], m["biases"], m.group_size, m.bits)
+        xp = _narrowed(x, m.product_dtype)
+        return _as(native.quantized_matmul(xp, m["weight"], m["scales"], m["biases"], m.group_size, m.bits), x.dtype)
     return mx.quantized_matmul(x, m["weight"], scales=m["scales"], biases=m.get("biases"), transpose=True,
                                group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"))
 
 
-class NativeLinear(nn.Linear):
+class _ProductDtype:
+    """A native layer whose products round their activations to `product_dtype` (None: take them as they come)
+    and return the activations' dtype (`rg_mlx.cpu.accelerate(..., products=...)` sets it)."""
+
+    product_dtype: mx.Dtype | None = None
+
+
+class NativeLinear(_ProductDtype, nn.Linear):
     """`nn.Linear` with a bfloat16 or float16 weight `[out, in]`, on the native product."""
 
     @classmethod
@@ -81,11 +97,11 @@ class NativeLinear(nn.Linear):
         return recast(m, cls)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _dense_product(x, self["weight"])
+        y = _dense_product(x, self["weight"], self.product_dtype)
         return y + self["bias"] if "bias" in self else y
 
 
-class NativeQuantizedLinear(nn.QuantizedLinear):
+class NativeQuantizedLinear(_ProductDtype, nn.QuantizedLinear):
     """`nn.QuantizedLinear` (affine, 4 or 8 bits) on the native product."""
 
     @classmethod
@@ -98,7 +114,7 @@ class NativeQuantizedLinear(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
-class _LookupDtype:
+class _LookupDtype(_ProductDtype):
     """An embedding whose lookups return `lookup_dtype` (None: its table's or scales' dtype)."""
 
     lookup_dtype: mx.Dtype | None = None
@@ -120,7 +136,7 @@ class NativeEmbedding(_LookupDtype, nn.Embedding):
         return _looked_up(super().__call__(x), self.lookup_dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _dense_product(x, self["weight"])
+        return _dense_product(x, self["weight"], self.product_dtype)
 
 
 class NativeQuantizedEmbedding(_LookupDtype, nn.QuantizedEmbedding):
