@@ -18,6 +18,8 @@ response generator (never by copying their code):
   two (mlx-lm notices only failed writes, so never for a non-streaming request, and its batch loop
   removes a stopped request only after up to half a second of steps);
 - a prompt-length limit: a longer prompt gets a 400 naming both lengths;
+- chat prompts encoded turn by turn, each turn's tokens remembered (`TurnTokenizer`): every request
+  carries the whole conversation, and encoding it anew made a new turn's wait grow with its length;
 - counters at `GET /stats` (tokens generated, requests, disconnects), which the tests read;
 - startup: the model loads before the server answers, and a load that fails is one error.
 
@@ -36,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -205,10 +208,84 @@ class ModelProvider(mlx_server.ModelProvider):
             raise RGError(f"cannot load {self.cli_args.model}: {first_line(self._error)}")
 
 
+class TurnTokenizer:
+    """mlx-lm's tokenizer, whose chat prompts (`apply_chat_template(..., tokenize=True)`) are encoded turn by
+    turn, each turn's tokens remembered.
+
+    A chat request carries the whole conversation, so without this a new turn after 35k tokens of history
+    waits for all of them to be encoded again (~40 ms with the demo's tokenizer). The rendered text is cut
+    just before each `marker` (Gemma's `<start_of_turn>`), a special token at which the tokenizer splits the
+    text anyway, so the pieces' tokens joined are those of the whole text. That is checked once, on a
+    conversation of awkward text; a tokenizer for which it fails (or that lacks the marker) encodes whole.
+    Everything else is the wrapped tokenizer's.
+    """
+
+    MAX_CHARS = 1 << 24  # text of the turns remembered, at most (least recently used go first)
+    _SAMPLE = [
+        {"role": "user", "content": " two  spaces\n\n and a tab\t, «unicode» ✓ <end_of_turn> in the text "},
+        {"role": "assistant", "content": "\n leading newline and trailing space "},
+        {"role": "user", "content": "<start_of_turn>model\n typed by the user"},
+    ]
+
+    def __init__(self, tokenizer: Any, marker: str = "<start_of_turn>"):
+        self._tokenizer, self._marker = tokenizer, marker
+        self._memo: OrderedDict[str, list[int]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+        self._exact: bool | None = None  # checked on first use
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, messages: Any, *args: Any, tokenize: bool = True, **kwargs: Any) -> Any:
+        whole = self._tokenizer.apply_chat_template
+        if not tokenize or kwargs.get("return_dict") or not self._turns_exact(whole, args, kwargs):
+            return whole(messages, *args, tokenize=tokenize, **kwargs)
+        return self._encode(whole(messages, *args, tokenize=False, **kwargs))
+
+    def _turns_exact(self, whole: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+        if self._exact is None:
+            try:
+                expected = whole(self._SAMPLE, *args, tokenize=True, **kwargs)
+                self._exact = (isinstance(expected, list) and self._marker in self._tokenizer.get_vocab()
+                               and self._encode(whole(self._SAMPLE, *args, tokenize=False, **kwargs)) == expected)
+            except Exception:  # a template or tokenizer this was not made for: encode whole
+                self._exact = False
+            with self._lock:
+                self._memo.clear()
+                self._chars = 0
+        return self._exact
+
+    def _encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        while start < len(text):
+            cut = text.find(self._marker, start + 1)
+            end = len(text) if cut < 0 else cut
+            ids += self._piece(text[start:end])
+            start = end
+        return ids
+
+    def _piece(self, piece: str) -> list[int]:
+        with self._lock:
+            ids = self._memo.get(piece)
+            if ids is not None:
+                self._memo.move_to_end(piece)
+                return ids
+        ids = self._tokenizer.encode(piece, add_special_tokens=False)
+        with self._lock:
+            if piece not in self._memo:
+                self._memo[piece] = ids
+                self._chars += len(piece)
+                while self._chars > self.MAX_CHARS and self._memo:
+                    self._chars -= len(self._memo.popitem(last=False)[0])
+        return ids
+
+
 class ResponseGenerator(mlx_server.ResponseGenerator):
     """mlx-lm's response generator (its generation thread, batching and prompt cache), counting the
-    tokens it generates, taking one batch step between looks at its requests (`_OneStep`), and
-    refusing prompts longer than `max_prompt_tokens`."""
+    tokens it generates, taking one batch step between looks at its requests (`_OneStep`), encoding
+    chat prompts turn by turn (`TurnTokenizer`), and refusing prompts longer than `max_prompt_tokens`."""
 
     def __init__(
         self,
@@ -220,6 +297,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     ):
         self.counters = counters
         self.max_prompt_tokens = max_prompt_tokens
+        self._turns: TurnTokenizer | None = None
         super().__init__(model_provider, prompt_cache)
         # The generation thread has started, but it reads these attributes on every pass of its loop,
         # and no request can have arrived yet: the HTTP server starts after this.
@@ -227,7 +305,9 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         self._time_budget = _OneStep()
 
     def _tokenize(self, tokenizer: Any, request: Any, args: Any) -> Any:
-        tokenized = super()._tokenize(tokenizer, request, args)
+        if self._turns is None or self._turns._tokenizer is not tokenizer:
+            self._turns = TurnTokenizer(tokenizer)
+        tokenized = super()._tokenize(self._turns, request, args)
         n, limit = len(tokenized[0]), self.max_prompt_tokens
         if limit is not None and n > limit:
             message = f"the prompt has {n} tokens; the server takes at most {limit} (--max-prompt-tokens)"

@@ -484,3 +484,65 @@ def test_under_mlx_launch_rank_0_serves_the_model_split_over_the_ranks(ours, tmp
             os.killpg(proc.pid, signal.SIGKILL)  # mlx.launch and both ranks
         proc.wait()
         log.close()
+
+
+# -- Chat prompts encoded turn by turn (rg_mlx.server.TurnTokenizer) ---------------------------------------------
+
+
+class _CountingEncodes:
+    """mlx-lm's tokenizer, counting the characters it is asked to encode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer.encode(text, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_tokenizer():
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(demo_path())
+
+
+def test_turn_by_turn_chat_prompts_are_the_whole_texts_tokens(mlx_lm_tokenizer):
+    from rg_mlx.server import TurnTokenizer
+
+    rng = np.random.default_rng(0)
+    pieces = ["How do I quantize?", " spaces  ", "\n", "tab\t", "«ü» ✓", "<end_of_turn>", "<start_of_turn>model",
+              "rg-mlx convert", "  ", "x"]
+    counting = _CountingEncodes(mlx_lm_tokenizer)
+    turns = TurnTokenizer(counting)
+    messages = []
+    for turn in range(12):
+        text = "".join(rng.choice(pieces, size=int(rng.integers(0, 8))))
+        messages.append({"role": "user" if turn % 2 == 0 else "assistant", "content": text})
+        if turn % 2:
+            continue
+        expected = mlx_lm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        before = counting.chars
+        assert turns.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) == expected
+        if turn >= 4:  # the earlier turns come from memory: only the last turns' text is encoded
+            rendered = mlx_lm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            assert counting.chars - before < len(rendered) / 2
+    assert turns._exact
+    # Text, not tokens, is the wrapped tokenizer's as it is.
+    assert turns.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        mlx_lm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_turns_are_not_cut_where_the_tokenizer_does_not_split(mlx_lm_tokenizer):
+    """Cut at ordinary text (not a special token), the pieces' tokens differ from the whole text's: the check on
+    first use notices, and the prompts are encoded whole."""
+    from rg_mlx.server import TurnTokenizer
+
+    turns = TurnTokenizer(mlx_lm_tokenizer, marker="n")
+    messages = [{"role": "user", "content": "an ordinary question, then another one"}]
+    expected = mlx_lm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert turns.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) == expected
+    assert turns._exact is False
