@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU)",
+        help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU); on the CPU, bfloat16 means "
+        "bfloat16 products with float32 for the rest",
     )
     add_adapter_argument(parser)
 
