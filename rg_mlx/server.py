@@ -251,9 +251,6 @@ class TurnTokenizer:
                                and self._encode(whole(self._SAMPLE, *args, tokenize=False, **kwargs)) == expected)
             except Exception:  # a template or tokenizer this was not made for: encode whole
                 self._exact = False
-            with self._lock:
-                self._memo.clear()
-                self._chars = 0
         return self._exact
 
     def _encode(self, text: str) -> list[int]:

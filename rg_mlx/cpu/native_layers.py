@@ -55,28 +55,21 @@ def takes(m: nn.Module) -> bool:
     return False
 
 
-def _narrowed(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    """`x` in `dtype` (None: as it is), without an operation where it already is."""
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-
-
-def _as(y: mx.array, dtype: mx.Dtype) -> mx.array:
-    return y if y.dtype == dtype else y.astype(dtype)
 
 
 def _dense_product(x: mx.array, weight: mx.array, product_dtype: mx.Dtype | None = None) -> mx.array:
     if x.dtype in _FLOATS and native.available():
-        return _as(native.matmul(_narrowed(x, product_dtype), weight), x.dtype)
+        return _cast(native.matmul(_cast(x, product_dtype), weight), x.dtype)
     return x @ weight.T
-
-
-def _looked_up(rows: mx.array, dtype: mx.Dtype | None) -> mx.array:
-    return rows if dtype is None or rows.dtype == dtype else rows.astype(dtype)
 
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array:
     if x.dtype in _FLOATS and native.available():
-        xp = _narrowed(x, m.product_dtype)
-        return _as(native.quantized_matmul(xp, m["weight"], m["scales"], m["biases"], m.group_size, m.bits), x.dtype)
+        xp = _cast(x, m.product_dtype)
+        return _cast(native.quantized_matmul(xp, m["weight"], m["scales"], m["biases"], m.group_size, m.bits), x.dtype)
     return mx.quantized_matmul(x, m["weight"], scales=m["scales"], biases=m.get("biases"), transpose=True,
                                group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"))
 
@@ -133,7 +126,7 @@ class NativeEmbedding(_LookupDtype, nn.Embedding):
 
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _looked_up(super().__call__(x), self.lookup_dtype)
+        return _cast(super().__call__(x), self.lookup_dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _dense_product(x, self["weight"], self.product_dtype)
