@@ -42,6 +42,15 @@ constexpr int MAX_PASS_GROUPS = X_BLOCK_FLOATS / 32;
 template <class V>
 void widen(const void* src, DType dt, size_t n, float* dst);
 
+// A pass reads NR rows side by side, a few bytes of each in turn, which the hardware prefetcher follows
+// poorly: each core then waits on memory for much of the pass (the same kernels run ~1.5-1.7x faster on
+// rows already in cache). So each pass asks, once per cache line it reads, for the line at the same place
+// in the next pass's rows (NR rows on), into L2: by the time the pass gets there the lines have arrived.
+// Into L2 rather than L1, whose few lines the current pass needs; past the weight's end it does nothing.
+inline void prefetch_next(const void* p, long row_stride) {
+  __builtin_prefetch((const char*)p + row_stride, 0, 2);
+}
+
 // sums[r * M + m] += x[m, groups g0 .. g1) . w[n + r, same] for a quantized weight. The pass's scales and
 // biases are widened to float32 once, up front. For one or two rows of x, where decoding the weight rather
 // than multiplying it by x is the work, each group's integers times x are summed and scaled once,
@@ -74,6 +83,7 @@ void q_pass(const float* x, const float* xs, int K, const Quantized& q, int n, i
       for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
         for (int r = 0; r < NR; ++r) {
           const uint8_t* w = q.w + (n + r) * row_bytes + k * BITS / 8;
+          if ((k * BITS / 8) % 64 == 0) prefetch_next(w, NR * row_bytes);
           if constexpr (BITS == 4) {
             F lo, hi;
             V::raw4(w, lo, hi);
@@ -96,8 +106,10 @@ void q_pass(const float* x, const float* xs, int K, const Quantized& q, int n, i
       for (int r = 0; r < NR; ++r) deq[r] = V::group4(sc[r][i], bi[r][i]);
       for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
         for (int r = 0; r < NR; ++r) {
+          const uint8_t* w = q.w + (n + r) * row_bytes + k / 2;
+          if ((k / 2) % 64 == 0) prefetch_next(w, NR * row_bytes);
           F lo, hi;
-          V::deq4(q.w + (n + r) * row_bytes + k / 2, deq[r], lo, hi);
+          V::deq4(w, deq[r], lo, hi);
           for (int m = 0; m < M; ++m) {
             acc[m][r] = V::fma(V::load(x + (long)m * K + k), lo, acc[m][r]);
             acc[m][r] = V::fma(V::load(x + (long)m * K + k + W), hi, acc[m][r]);
@@ -107,7 +119,9 @@ void q_pass(const float* x, const float* xs, int K, const Quantized& q, int n, i
     } else {
       for (int k = g * gs; k < (g + 1) * gs; k += STEP) {
         for (int r = 0; r < NR; ++r) {
-          const F w = V::fma(V::u8(q.w + (n + r) * row_bytes + k), V::set1(sc[r][i]), V::set1(bi[r][i]));
+          const uint8_t* p = q.w + (n + r) * row_bytes + k;
+          if (k % 64 == 0) prefetch_next(p, NR * row_bytes);
+          const F w = V::fma(V::u8(p), V::set1(sc[r][i]), V::set1(bi[r][i]));
           for (int m = 0; m < M; ++m) acc[m][r] = V::fma(V::load(x + (long)m * K + k), w, acc[m][r]);
         }
       }
@@ -201,6 +215,7 @@ void h_pass(const float* x, int K, const uint16_t* w, int n, int k0, int k1, flo
   for (int k = k0; k < kv; k += STEP) {
     for (int r = 0; r < NR; ++r) {
       const uint16_t* p = w + (long)(n + r) * K + k;
+      if ((k * 2) % 64 == 0) prefetch_next(p, NR * K * 2L);
       if constexpr (BF16) {
         F lo, hi;
         V::bf16_pairs(p, lo, hi);
