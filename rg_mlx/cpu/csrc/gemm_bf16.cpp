@@ -49,7 +49,9 @@ void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, int k0, int
     __m512bh xv[M];
     for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);
     for (int r = 0; r < NR; ++r) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (long)(n + r) * K + k);
+      const uint16_t* p = w + (long)(n + r) * K + k;
+      prefetch_next(p, NR * K * 2L);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
     }
   }
