@@ -37,35 +37,35 @@ void micro_kernel(int kp, const uint16_t* const* rows, const uint32_t* xp, float
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
 }
 
+// One step of decode_pass: acc[m][r] += x[m, k .. k + 32) . w[n + r, same], through masked loads where
+// MASKED (the tail of K; zeros add nothing).
+template <int M, int NR, bool MASKED>
+inline void decode_step(const uint16_t* x, int K, const uint16_t* w, int n, int k, __mmask32 mask,
+                        __m512 (&acc)[M][NR]) {
+  auto load = [&](const uint16_t* p) {
+    return (__m512bh)(MASKED ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p));
+  };
+  __m512bh xv[M];
+  for (int m = 0; m < M; ++m) xv[m] = load(x + (long)m * K + k);
+  for (int r = 0; r < NR; ++r) {
+    const uint16_t* p = w + (long)(n + r) * K + k;
+    if (!MASKED) prefetch_next(p, NR * K * 2L);
+    const __m512bh wv = load(p);
+    for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+  }
+}
+
 // Decode: sums[r * M + m] += x[m, k0 .. k1) . w[n + r, same] for bfloat16 x and w, 32 values of k per
-// vdpbf16ps; the tail of K through masked loads (zeros add nothing). Blocked as kernels_impl.h's q_rows_m.
-// The main loop loads without masks: with masked loads in it, GCC keeps the accumulators in memory too and
-// stores all of them every step (half the speed with four rows of x).
+// vdpbf16ps. Blocked as kernels_impl.h's q_rows_m. Only the tail of K is loaded with masks: with masked loads
+// in the main loop, GCC keeps the accumulators in memory too and stores all of them every step.
 template <int M, int NR>
 void decode_pass(const uint16_t* x, int K, const uint16_t* w, int n, int k0, int k1, float* sums) {
   __m512 acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   int k = k0;
-  for (; k + 32 <= k1; k += 32) {
-    __m512bh xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + (long)m * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const uint16_t* p = w + (long)(n + r) * K + k;
-      prefetch_next(p, NR * K * 2L);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(p);
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
-    }
-  }
-  if (k < k1) {
-    const __mmask32 mask = ((__mmask32)1 << (k1 - k)) - 1;
-    __m512bh xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (long)m * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (long)(n + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
-    }
-  }
+  for (; k + 32 <= k1; k += 32) decode_step<M, NR, false>(x, K, w, n, k, 0, acc);
+  if (k < k1) decode_step<M, NR, true>(x, K, w, n, k, ((__mmask32)1 << (k1 - k)) - 1, acc);
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) sums[r * M + m] += _mm512_reduce_add_ps(acc[m][r]);
 }

@@ -43,8 +43,8 @@ template <class V>
 void widen(const void* src, DType dt, size_t n, float* dst);
 
 // A pass reads NR rows side by side, a few bytes of each in turn, which the hardware prefetcher follows
-// poorly: each core then waits on memory for much of the pass (the same kernels run ~1.5-1.7x faster on
-// rows already in cache). So each pass asks, once per cache line it reads, for the line at the same place
+// poorly: each core then waits on memory for much of the pass (the same kernels run much faster on rows
+// already in cache; the README gives the figures). So each pass asks, once per cache line it reads, for the line at the same place
 // in the next pass's rows (NR rows on), into L2: by the time the pass gets there the lines have arrived.
 // Into L2 rather than L1, whose few lines the current pass needs; past the weight's end it does nothing.
 inline void prefetch_next(const void* p, long row_stride) {
